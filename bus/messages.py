@@ -1,0 +1,410 @@
+"""The or1 wire protocol: every message type, every constant, in one file.
+
+A message travels as ``[header, *buffers]`` (see ``bus/codec.py``): the header is a msgpack map
+``{"v": PROTOCOL_VERSION, "type": <TYPE>, "rid": <request id or 0>, ...fields}``; numpy arrays
+anywhere in the fields travel as raw frames referenced from the header by index, dtype and shape.
+
+Each message is a frozen-by-convention dataclass whose annotations *are* the schema: the codec
+checks every field's presence and type against them on decode, so adding a field here is the
+whole change. Nested records (``PromptItem``, ``Sample``, ``Group``, ...) are dataclasses too.
+Optional fields have defaults, so a plain message stays small and old fields can be added
+without breaking peers that don't send them.
+
+Roles: the learner binds the control ROUTER and the weights ROUTER; actors, reward workers and
+admin tools connect DEALERs. A relay (an actor with ``--relay-bind``) binds its own weights ROUTER.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+# --- reliability constants (zguide's Paranoid Pirate values) ---------------------------------
+HEARTBEAT_S = 1.0  # interval between heartbeats, both ways
+LIVENESS = 3  # a peer silent for LIVENESS * HEARTBEAT_S is dead
+RECONNECT_MIN_S = 1.0  # client reconnect backoff starts here ...
+RECONNECT_MAX_S = 32.0  # ... and doubles up to here
+
+# --- limits ---------------------------------------------------------------------------------
+MAX_MESSAGE_BYTES = 1 << 30  # zmq MAXMSGSIZE on every socket: a frame above this drops the peer's message
+MAX_ARRAY_ELEMENTS = 1 << 28  # largest array a header may declare
+MAX_FRAMES = 1 << 16  # most raw frames one message may carry
+MAX_HEADER_BYTES = 16 << 20  # the msgpack header itself
+INLINE_ARRAY_BYTES = 1024  # arrays below this go inline in the header (a frame per tiny array costs more)
+ALLOWED_DTYPES = ("uint8", "int8", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool")
+
+# --- weight transfer ------------------------------------------------------------------------
+CHUNK_BYTES = 4 << 20  # weight chunk size
+PULL_WINDOW = 8  # outstanding GetChunk requests per puller (credit pipelining, zguide ch. 7)
+CHUNK_TIMEOUT_S = 10.0  # a chunk not answered within this is re-requested from another source
+RELAY_FANOUT = 2  # most children one weight source serves for one version
+
+# --- roles, reasons, error codes ------------------------------------------------------------
+ROLE_ACTOR = "actor"
+ROLE_REWARD = "reward"
+ROLE_ADMIN = "admin"
+ROLES = (ROLE_ACTOR, ROLE_REWARD, ROLE_ADMIN)
+
+FINISH_STOP = "stop"  # eos or a stop string
+FINISH_LENGTH = "length"  # hit max_tokens (truncated)
+
+ERR_BAD_MESSAGE = "bad_message"
+ERR_HELLO_FIRST = "hello_first"  # the server does not know this peer (e.g. it restarted): say Hello again
+ERR_STALE_EPOCH = "stale_epoch"  # work from an earlier learner epoch
+ERR_UNKNOWN_LEASE = "unknown_lease"
+ERR_FORBIDDEN = "forbidden"
+ERR_NOT_FOUND = "not_found"
+ERR_INTERNAL = "internal"
+
+WAIT_ADMISSION = "admission"  # the staleness bound admits no more groups now
+WAIT_WEIGHTS = "weights"  # pull newer weights first (min_version in the reply)
+WAIT_NO_DATA = "no_data"  # the dataset / stage is exhausted for now
+WAIT_DONE = "done"  # the run has finished: say Bye and exit
+
+
+class Message:
+    """Base of every wire message; ``TYPE`` is the header's ``type`` string."""
+
+    TYPE: ClassVar[str] = ""
+
+
+# --- nested records -------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingSpec:
+    """Sampling for one lease: `n` samples per prompt (the group size) at `temperature`/`top_p`."""
+
+    n: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    seed: int | None = None
+
+
+@dataclass
+class PromptItem:
+    """One prompt to generate a group for. `prompt_id` is the dataset id, `token_ids` int32."""
+
+    prompt_id: str
+    token_ids: np.ndarray
+
+
+@dataclass
+class Sample:
+    """One sampled response: token ids (int32), the behaviour log-prob of each (float32, at the
+    sampling temperature), why it ended (FINISH_STOP / FINISH_LENGTH), and its decoded text."""
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    finish_reason: str
+    text: str
+
+
+@dataclass
+class Group:
+    """The `n` samples of one prompt, generated with weights `weight_version`."""
+
+    prompt_id: str
+    weight_version: int
+    samples: list[Sample]
+
+
+@dataclass
+class ScoreItem:
+    """One response to score: `kind` is "math" or "code"; `reference` the gold answer (math) or a
+    test spec as JSON text (code)."""
+
+    kind: str
+    response: str
+    reference: str
+
+
+@dataclass
+class ScoreOut:
+    """The score of one item. `error` is empty on success; a failed item has reward 0."""
+
+    reward: float
+    error: str = ""
+    detail: str = ""
+
+
+@dataclass
+class TensorMeta:
+    """Where one tensor sits in a flat weight buffer: `offset` and `nbytes` in bytes."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class PeerInfo:
+    """One row of the fleet table in StatusReply."""
+
+    role: str
+    worker_id: str
+    host: str
+    weight_version: int
+    lag: int
+    tokens_per_s: float
+    last_seen_s: float
+    leases: int = 0
+    relay_endpoint: str = ""
+
+
+# --- session --------------------------------------------------------------------------------
+
+
+@dataclass
+class Hello(Message):
+    """First message of every client (and again after a reconnect or learner restart)."""
+
+    TYPE: ClassVar[str] = "hello"
+    role: str
+    worker_id: str
+    host: str = ""
+    capacity: int = 1
+    weight_version: int = -1
+    relay_endpoint: str = ""
+    admin_key: str = ""
+
+
+@dataclass
+class Welcome(Message):
+    """The learner's answer to Hello: who it is and how to behave."""
+
+    TYPE: ClassVar[str] = "welcome"
+    run_id: str
+    epoch: int
+    version: int
+    heartbeat_s: float
+    liveness: int
+    max_staleness: int
+    model: str = ""
+    weights_endpoint: str = ""
+    sampling: SamplingSpec | None = None
+    stage: int = 0
+
+
+@dataclass
+class Heartbeat(Message):
+    """Both ways. The client's carries its stats; the learner's reply carries its `version` and η."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    version: int = -1
+    max_staleness: int = -1
+    weight_version: int = -1
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Bye(Message):
+    TYPE: ClassVar[str] = "bye"
+    reason: str = ""
+
+
+@dataclass
+class Error(Message):
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str = ""
+
+
+# --- actors ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LeaseRequest(Message):
+    TYPE: ClassVar[str] = "lease_request"
+    max_groups: int
+    weight_version: int
+
+
+@dataclass
+class Lease(Message):
+    """A grant of `len(prompts)` groups, valid in `epoch`, due back within `deadline_s`.
+    The actor must generate with weights of version ≥ `min_version`."""
+
+    TYPE: ClassVar[str] = "lease"
+    lease_id: int
+    epoch: int
+    prompts: list[PromptItem]
+    sampling: SamplingSpec
+    min_version: int
+    deadline_s: float
+
+
+@dataclass
+class Wait(Message):
+    """No lease now: `reason` is one of WAIT_*; retry after `retry_after_s`."""
+
+    TYPE: ClassVar[str] = "wait"
+    reason: str
+    retry_after_s: float = 0.5
+    min_version: int = -1
+
+
+@dataclass
+class Submit(Message):
+    TYPE: ClassVar[str] = "submit"
+    lease_id: int
+    epoch: int
+    groups: list[Group]
+
+
+@dataclass
+class SubmitAck(Message):
+    TYPE: ClassVar[str] = "submit_ack"
+    lease_id: int
+    accepted: int
+    rejected: int = 0
+    reason: str = ""
+
+
+@dataclass
+class Release(Message):
+    """Lease ids given back unfinished (shutdown): the learner requeues their prompts at once."""
+
+    TYPE: ClassVar[str] = "release"
+    lease_ids: list[int]
+
+
+# --- reward workers -------------------------------------------------------------------------
+
+
+@dataclass
+class Ready(Message):
+    """A reward worker can take `credits` more items."""
+
+    TYPE: ClassVar[str] = "ready"
+    credits: int
+
+
+@dataclass
+class ScoreRequest(Message):
+    TYPE: ClassVar[str] = "score_request"
+    request_id: int
+    items: list[ScoreItem]
+
+
+@dataclass
+class ScoreResult(Message):
+    """One ScoreOut per item of the request, in order."""
+
+    TYPE: ClassVar[str] = "score_result"
+    request_id: int
+    results: list[ScoreOut]
+
+
+# --- weights --------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightSource(Message):
+    """Request (actor → learner): where to pull `version` (-1 = latest). Reply: `endpoint` is a
+    weights ROUTER (the learner's or a relay peer's, `source_id`) that holds or is receiving it."""
+
+    TYPE: ClassVar[str] = "weight_source"
+    version: int = -1
+    endpoint: str = ""
+    source_id: str = ""
+
+
+@dataclass
+class GetManifest(Message):
+    TYPE: ClassVar[str] = "get_manifest"
+    version: int = -1
+
+
+@dataclass
+class Manifest(Message):
+    """A weight version as one flat buffer: its tensors, size, chunking and checksums
+    (crc32 per chunk; `checksum` is the crc32 of the whole buffer)."""
+
+    TYPE: ClassVar[str] = "manifest"
+    version: int
+    tensors: list[TensorMeta]
+    total_bytes: int
+    chunk_bytes: int
+    chunk_crcs: list[int]
+    checksum: int
+
+
+@dataclass
+class GetChunk(Message):
+    TYPE: ClassVar[str] = "get_chunk"
+    version: int
+    index: int
+
+
+@dataclass
+class Chunk(Message):
+    """Chunk `index` of `version`: `data` is a uint8 array sent as one raw frame."""
+
+    TYPE: ClassVar[str] = "chunk"
+    version: int
+    index: int
+    data: np.ndarray
+
+
+# --- admin ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Status(Message):
+    TYPE: ClassVar[str] = "status"
+
+
+@dataclass
+class StatusReply(Message):
+    TYPE: ClassVar[str] = "status_reply"
+    run_id: str
+    epoch: int
+    version: int
+    max_staleness: int
+    fleet: list[PeerInfo]
+    queues: dict[str, int]
+    rates: dict[str, float]
+    stage: int = 0
+
+
+@dataclass
+class Set(Message):
+    """Change a live setting (`key` e.g. "max_staleness"); needs the admin key when one is set."""
+
+    TYPE: ClassVar[str] = "set"
+    key: str
+    value: Any
+    admin_key: str = ""
+
+
+@dataclass
+class SetReply(Message):
+    TYPE: ClassVar[str] = "set_reply"
+    key: str
+    old: Any
+    new: Any
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, Welcome, Heartbeat, Bye, Error,
+        LeaseRequest, Lease, Wait, Submit, SubmitAck, Release,
+        Ready, ScoreRequest, ScoreResult,
+        WeightSource, GetManifest, Manifest, GetChunk, Chunk,
+        Status, StatusReply, Set, SetReply,
+    )
+}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol: counted as `bus/bad_messages`, answered with
+    Error where the sender is known, and dropped. Never fatal to a process."""

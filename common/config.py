@@ -1,0 +1,314 @@
+"""Configuration: one pydantic model per role, combined into `Config`, loaded from TOML with
+repeated `--set a.b=c` overrides. Every model forbids unknown keys and documents each field.
+
+One file holds every role's section (prime-rl style): `or1 learner --config run.toml` reads
+`[learner]`, `or1 actor` reads `[actor]`, and so on, so a run is described by one file.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class BusConfig(Section):
+    heartbeat_s: float = Field(1.0, gt=0, le=60)
+    """Seconds between heartbeats, both ways."""
+    liveness: int = Field(3, ge=1, le=100)
+    """A peer silent for `liveness * heartbeat_s` seconds is declared dead."""
+    max_message_bytes: int = Field(1 << 30, ge=1 << 16)
+    """zmq MAXMSGSIZE on every socket, and the codec's limit on a message's declared size."""
+    chunk_bytes: int = Field(4 << 20, ge=1 << 12, le=1 << 28)
+    """Size of one weight chunk."""
+    pull_window: int = Field(8, ge=1, le=256)
+    """Outstanding chunk requests per weight puller (credit pipelining)."""
+    chunk_timeout_s: float = Field(10.0, gt=0)
+    """A weight chunk not answered within this is requested again from another source."""
+    relay_fanout: int = Field(2, ge=1, le=64)
+    """Most pullers one weight source (learner or relay) serves for one version."""
+    curve_dir: str | None = None
+    """Directory of CurveZMQ keys (made by `or1 keys`); None = plaintext. See docs/security."""
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, gt=0, le=5)
+    """Sampling temperature; log-probs, ratios and entropy are all taken at this temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (1 = off, as in Skywork-OR1)."""
+
+
+class StageConfig(Section):
+    steps: int = Field(..., ge=1)
+    """Optimizer steps in this stage."""
+    max_response_tokens: int = Field(..., ge=1)
+    """Most tokens one response may have in this stage (context-length schedule)."""
+    prompts_per_batch: int = Field(..., ge=1)
+    """B: useful (non-zero-advantage) groups per optimizer step."""
+    group_size: int = Field(..., ge=2)
+    """n: samples per prompt."""
+
+
+class LossConfig(Section):
+    eps_low: float = Field(0.2, ge=0, le=1)
+    """PPO clip below: ratio is clipped at 1 - eps_low."""
+    eps_high: float = Field(0.2, ge=0, le=10)
+    """PPO clip above: ratio is clipped at 1 + eps_high (clip-higher when > eps_low)."""
+    tis_mode: Literal["tis", "mask", "none"] = "tis"
+    """Behaviour correction: truncated IS weight, mask tokens outside [1/C, C], or none."""
+    tis_cap: float = Field(2.0, ge=1)
+    """C, the cap of the truncated importance weight min(pi_prox / mu, C)."""
+    kl_beta: float = Field(0.0, ge=0)
+    """Weight of a k3 KL penalty to the behaviour policy (0 = none, as in Skywork-OR1)."""
+    mask_truncated: bool = False
+    """Drop truncated responses' tokens from the loss (Skywork-OR1 keeps them: reward 0, no mask)."""
+    sgd_steps: int = Field(1, ge=1, le=16)
+    """Optimizer steps per batch (1 = strictly on-policy; >1 recomputes pi_prox first)."""
+
+
+class EntropyConfig(Section):
+    enabled: bool = True
+    """Adaptive entropy control on/off (off = alpha is always 0)."""
+    target: float = Field(0.2, ge=0)
+    """Target entropy (nats per token at the sampling temperature)."""
+    delta: float = Field(1e-4, ge=0)
+    """Step of the coefficient per optimizer step (released scripts 1e-4; paper text 0.005)."""
+    coef_init: float = Field(0.0, ge=0)
+    """Initial coefficient c0."""
+    coef_min: float = Field(0.0, ge=0)
+    """Lower bound of the coefficient."""
+    coef_max: float = Field(0.005, ge=0)
+    """Upper bound of the coefficient."""
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-6, gt=0)
+    """AdamW learning rate (constant)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Global gradient-norm clip (0 = off)."""
+
+
+class TrainerConfig(Section):
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Training precision: auto = fp32 on CPU, bf16 on GPU."""
+    micro_batch_tokens: int = Field(8192, ge=16)
+    """Token budget of one micro-batch (prompt + response, padded)."""
+    deepspeed_json: str | None = None
+    """A user DeepSpeed JSON merged over the config built from ours."""
+    weights_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the weights sent to actors (auto = the model folder's torch_dtype)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 0
+    """Seed of the trainer (dropout-free models make this matter little)."""
+
+
+class DataConfig(Section):
+    source: str = "toy:addition"
+    """Hub dataset name, a local jsonl/json/parquet path, or a built-in toy task `toy:NAME`."""
+    split: str = "train"
+    """Dataset split."""
+    limit: int | None = Field(None, ge=1)
+    """Use at most this many problems."""
+    prompt_suffix: str = ""
+    """Text appended to every user prompt (Skywork-OR1 uses "Let's think step by step and output the final answer within \\boxed{}.")."""
+    seed: int = 0
+    """Seed of the dataset order (reshuffled every epoch)."""
+
+
+class LearnerConfig(Section):
+    bind_host: str = "*"
+    """Interface the learner binds."""
+    control_port: int = Field(5555, ge=0, le=65535)
+    """Control ROUTER port (0 = pick a free one)."""
+    weights_port: int = Field(5556, ge=0, le=65535)
+    """Weights ROUTER port (0 = pick a free one)."""
+    advertise_host: str = ""
+    """Host name actors use to reach the weights port (default: this machine's name)."""
+    model: str = "tiny"
+    """Model folder, hub name, or "tiny" for the embedded tiny model."""
+    run_dir: str = "runs/latest"
+    """Where config, metrics, logs and checkpoints go."""
+    max_staleness: int = Field(0, ge=0, le=1000)
+    """eta: most optimizer steps between the weights that generated a group and the step that trains it."""
+    lease_groups: int = Field(4, ge=1)
+    """Most groups in one lease."""
+    lease_timeout_s: float = Field(600.0, gt=0)
+    """A lease not submitted within this is taken back and its prompts requeued."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every K steps (0 = only at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk."""
+    resume: bool = False
+    """Continue from the latest checkpoint in run_dir (a new epoch)."""
+    admin_key: str = ""
+    """Key needed by `or1 set` (empty = none needed on a plaintext bus)."""
+    score_timeout_s: float = Field(120.0, gt=0)
+    """A score request not answered within this goes to another reward worker."""
+    sampling: SamplingConfig = SamplingConfig()
+    """Sampling settings sent with every lease."""
+    stages: list[StageConfig] = Field(
+        default_factory=lambda: [StageConfig(steps=100, max_response_tokens=1024, prompts_per_batch=8, group_size=8)]
+    )
+    """Training stages, run in order."""
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    entropy: EntropyConfig = EntropyConfig()
+    optim: OptimConfig = OptimConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+
+class ActorConfig(Section):
+    learner: str = "tcp://127.0.0.1:5555"
+    """The learner's control endpoint."""
+    worker_id: str = ""
+    """Stable id of this actor (default: host-pid); keep it across restarts to resume leases."""
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """Generation engine: vLLM where installed (auto), or the transformers fallback."""
+    model: str = ""
+    """Model folder or hub name (default: the one the learner announces)."""
+    relay_bind: str = ""
+    """Serve weights to peers from this endpoint, e.g. tcp://*:5557 (empty = no relay)."""
+    relay_advertise: str = ""
+    """Endpoint peers use to reach the relay (default: derived from relay_bind and the host name)."""
+    max_groups: int = Field(4, ge=1)
+    """Most groups asked for in one lease."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """vLLM's share of accelerator memory (KV cache size on CPU is set by kv_cache_gb)."""
+    kv_cache_gb: float = Field(1.0, gt=0)
+    """vLLM CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    max_model_len: int = Field(4096, ge=16)
+    """Prompt + response tokens per sequence."""
+    seed: int = 0
+    """Sampling seed (each lease also carries one)."""
+    threads: int = Field(0, ge=0)
+    """torch threads for generation (0 = torch's default)."""
+
+
+class RewardConfig(Section):
+    learner: str = "tcp://127.0.0.1:5555"
+    """The learner's control endpoint."""
+    worker_id: str = ""
+    """Stable id of this reward worker (default: host-pid)."""
+    workers: int = Field(2, ge=1, le=256)
+    """Scoring processes in the pool."""
+    math_timeout_s: float = Field(10.0, gt=0)
+    """Most seconds one math verification may take (math-verify can hang)."""
+    code_timeout_s: float = Field(6.0, gt=0)
+    """Wall-clock seconds per code test case (Skywork-OR1: 6)."""
+    code_cpu_s: int = Field(10, ge=1)
+    """RLIMIT_CPU of a sandboxed program."""
+    code_memory_mb: int = Field(1024, ge=64)
+    """RLIMIT_AS of a sandboxed program, MiB."""
+    code_max_output_bytes: int = Field(1 << 20, ge=1024)
+    """stdout/stderr kept per run; more is discarded."""
+    code_max_processes: int = Field(64, ge=1)
+    """RLIMIT_NPROC of a sandboxed program."""
+    code_network_namespace: bool = True
+    """Run code in a fresh network namespace where the OS allows it (falls back with a warning)."""
+
+
+class RunConfig(Section):
+    steps: int | None = Field(None, ge=1)
+    """Override the total optimizer steps (shortens or extends the last stage)."""
+    actors: int = Field(2, ge=0)
+    """Actor processes `or1 run` starts."""
+    reward_workers: int = Field(1, ge=0)
+    """Reward worker processes `or1 run` starts."""
+    warm_start: bool = True
+    """Warm-start the tiny model with a short supervised pass before RL."""
+    cache_dir: str = "~/.cache/or1"
+    """Where the built tiny model is kept between runs."""
+
+
+class Config(Section):
+    """The whole run: one section per role."""
+
+    bus: BusConfig = BusConfig()
+    learner: LearnerConfig = LearnerConfig()
+    actor: ActorConfig = ActorConfig()
+    reward: RewardConfig = RewardConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        e = self.learner.entropy
+        if not e.coef_min <= e.coef_max:
+            raise ValueError(f"learner.entropy.coef_min ({e.coef_min}) > coef_max ({e.coef_max})")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file, override or flag that does not fit the schema; one line naming the key."""
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are TOML literals when they parse (ints, floats, bools, lists, quoted strings),
+    otherwise plain strings: `--set learner.model=/data/m` needs no quotes."""
+    try:
+        return tomllib.loads(f"x = {text}")["x"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` to a nested dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+    key, _, raw = assignment.partition("=")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = parse_value(raw.strip())
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **flags: Any) -> Config:
+    """TOML file (optional) → `--set` overrides → direct flags (`{"learner.max_staleness": 2}`;
+    None values are skipped). Raises ConfigError with one line naming the bad key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config {path}: {e}") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    for key, value in flags.items():
+        if value is not None:
+            apply_override_value(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"config key {loc}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def apply_override_value(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as JSON (every field, defaults included) so a run can be re-run."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")

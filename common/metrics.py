@@ -1,0 +1,84 @@
+"""Metrics sinks: one interface (`write(step, metrics)` + `close()`), jsonl and TensorBoard writers.
+
+Pure code returns metric dicts with namespaced keys (`loss/…`, `entropy/…`, `actor/…`, `bus/…`);
+the caller that owns a sink logs them. Values are floats; a key holding a list is written to the
+jsonl file as is (histograms) and skipped by TensorBoard's scalar writer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+
+class MetricsSink(Protocol):
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object per line: {"step": k, "time": unix seconds, **metrics}. Flushed every write
+    so `or1 plot` and tail -f see a live run."""
+
+    def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", buffering=1)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self._f.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}, default=float) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class TensorBoardSink:
+    """Scalars to TensorBoard event files (torch's SummaryWriter, imported lazily)."""
+
+    def __init__(self, log_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._w = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._w.add_scalar(key, value, step)
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
+class MultiSink:
+    def __init__(self, *sinks: MetricsSink):
+        self.sinks = list(sinks)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for s in self.sinks:
+            s.write(step, metrics)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
+
+
+class NullSink:
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (a torn last line of a live run is skipped)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
