@@ -71,6 +71,9 @@ class LossConfig(Section):
     """Drop truncated responses' tokens from the loss (Skywork-OR1 keeps them: reward 0, no mask)."""
     sgd_steps: int = Field(1, ge=1, le=16)
     """Optimizer steps per batch (1 = strictly on-policy; >1 recomputes pi_prox first)."""
+    zero_truncated_reward: bool = True
+    """A truncated response (finish reason "length") gets reward 0 whatever the scorer said: Skywork-OR1
+    gives them 0 (§3.2.3), and it closes the answer-then-junk-to-the-cap reward hack of DESIGN §9."""
 
 
 class EntropyConfig(Section):
@@ -87,6 +90,12 @@ class EntropyConfig(Section):
     coef_max: float = Field(0.005, ge=0)
     """Upper bound of the coefficient."""
 
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "EntropyConfig":
+        if not self.coef_min <= self.coef_init <= self.coef_max:
+            raise ValueError(f"coef_init ({self.coef_init}) must lie in [coef_min, coef_max] = [{self.coef_min}, {self.coef_max}]")
+        return self
+
 
 class OptimConfig(Section):
     lr: float = Field(1e-6, gt=0)
@@ -97,6 +106,12 @@ class OptimConfig(Section):
     """AdamW weight decay."""
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip (0 = off)."""
+    eps: float = Field(1e-8, gt=0, le=1e-2)
+    """AdamW epsilon."""
+    impl: Literal["auto", "torch", "deepspeed"] = "auto"
+    """AdamW implementation DeepSpeed runs: torch.optim.AdamW (DeepSpeed's `torch_adam`), or DeepSpeed's
+    FusedAdam (its CPU build on CPU); auto = torch on CPU (measured faster there, benchmarks/bench_learner.py),
+    deepspeed on GPU."""
 
 
 class TrainerConfig(Section):
@@ -196,6 +211,10 @@ class ActorConfig(Section):
     """Sampling seed (each lease also carries one)."""
     threads: int = Field(0, ge=0)
     """torch threads for generation (0 = torch's default)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Generation dtype (auto = the model folder's own; vLLM's own "auto" would downcast float32 to 16 bits)."""
+    enforce_eager: bool | None = None
+    """vLLM without torch.compile / CUDA graphs (None = eager on CPU for a fast start, compiled on GPU)."""
 
 
 class RewardConfig(Section):
@@ -218,7 +237,18 @@ class RewardConfig(Section):
     code_max_processes: int = Field(64, ge=1)
     """RLIMIT_NPROC of a sandboxed program."""
     code_network_namespace: bool = True
-    """Run code in a fresh network namespace where the OS allows it (falls back with a warning)."""
+    """Run code in fresh network/mount/PID namespaces where the OS allows it (falls back with a warning)."""
+    code_item_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """Most seconds all test cases of one code item may take together; a case that would start
+    after this fails the item (a timeout). The pool kills a worker stuck past it + a grace."""
+    code_max_file_mb: int = Field(16, ge=1, le=4096)
+    """RLIMIT_FSIZE of a sandboxed program, MiB: the largest file it may write."""
+    code_python: str = ""
+    """Interpreter for sandboxed programs (stdlib only; run with -I). Empty = the first of this
+    process's interpreter, its base interpreter and python3 on PATH that the sandbox user can run."""
+    code_uid_base: int = Field(61000, ge=1000, le=(1 << 31) - 100_000)
+    """As root, each concurrent sandboxed run gets its own uid from [base, base + 1000): a range no
+    real user may own, since every process of such a uid is killed after each run."""
 
 
 class RunConfig(Section):
@@ -279,13 +309,14 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **flags: Any) -> Config:
-    """TOML file (optional) → `--set` overrides → direct flags (`{"learner.max_staleness": 2}`;
+    """TOML (or JSON, as written by save_config) file (optional) → `--set` overrides → direct flags (`{"learner.max_staleness": 2}`;
     None values are skipped). Raises ConfigError with one line naming the bad key."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            text = Path(path).read_text()
+            data = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
+        except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"config {path}: {e}") from None
     for assignment in overrides:
         apply_override(data, assignment)

@@ -1,0 +1,83 @@
+"""Where an actor pulls a weight version from: the learner's weights port or a relay peer.
+
+A relay is an actor started with `--relay-bind`: it serves every chunk it has already received,
+so pulls form a tree whose depth grows like log_fanout(N) while each chunk is pipelined down it.
+Each source (learner or relay) gets at most `fanout` children per version; a child leaves the
+count when it reports the version as held (heartbeat) or dies. The learner is preferred while it
+has room (it has the whole buffer at once); then the relay with the fewest children.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LEARNER_ID = "learner"
+
+
+@dataclass
+class RelayView:
+    """What the learner knows of one relay-capable actor (from Hello and heartbeats)."""
+
+    worker_id: str
+    endpoint: str
+    have_version: int  # newest complete version it can serve
+    receiving_version: int  # version it is pulling now (-1 = none)
+
+
+class WeightSources:
+    def __init__(self, learner_endpoint: str, fanout: int):
+        self.learner_endpoint = learner_endpoint
+        self.fanout = fanout
+        self._children: dict[tuple[str, int], set[str]] = {}
+
+    def choose(self, version: int, requester: str, relays: list[RelayView]) -> tuple[str, str]:
+        """(endpoint, source_id) for `requester` to pull `version` from."""
+        self._forget_child(requester)
+        candidates = [(LEARNER_ID, self.learner_endpoint)] + [
+            (r.worker_id, r.endpoint) for r in relays
+            if r.worker_id != requester and r.endpoint and version in (r.have_version, r.receiving_version)
+            and not self._is_descendant(r.worker_id, requester, version)
+        ]
+        load = {sid: len(self._children.get((sid, version), ())) for sid, _ in candidates}
+        if load[LEARNER_ID] < self.fanout:
+            sid, ep = candidates[0]
+        else:
+            open_ = [(load[sid], sid, ep) for sid, ep in candidates[1:] if load[sid] < self.fanout]
+            _, sid, ep = min(open_) if open_ else (0, LEARNER_ID, self.learner_endpoint)
+        self._children.setdefault((sid, version), set()).add(requester)
+        return ep, sid
+
+    def done(self, worker_id: str, held_version: int) -> None:
+        """A child that holds `held_version` no longer loads its source for it (or older ones)."""
+        for (sid, v), kids in list(self._children.items()):
+            if v <= held_version:
+                kids.discard(worker_id)
+                if not kids:
+                    del self._children[(sid, v)]
+
+    def dead(self, worker_id: str) -> None:
+        """Forget a dead peer as child and as source (its children will ask again after a timeout)."""
+        self._forget_child(worker_id)
+        for key in [k for k in self._children if k[0] == worker_id]:
+            del self._children[key]
+
+    def children(self, source_id: str, version: int) -> set[str]:
+        return set(self._children.get((source_id, version), ()))
+
+    def _forget_child(self, worker_id: str) -> None:
+        for key, kids in list(self._children.items()):
+            kids.discard(worker_id)
+            if not kids:
+                del self._children[key]
+
+    def _is_descendant(self, candidate: str, ancestor: str, version: int) -> bool:
+        """True if `candidate` pulls `version` (directly or not) from `ancestor`: no cycles."""
+        frontier, seen = {ancestor}, set()
+        while frontier:
+            node = frontier.pop()
+            seen.add(node)
+            kids = self._children.get((node, version), set())
+            if candidate in kids:
+                return True
+            frontier |= kids - seen
+        return False

@@ -1,0 +1,45 @@
+from learner.sources import LEARNER_ID, RelayView, WeightSources
+
+
+def relays(*ids, version=1):
+    return [RelayView(i, f"tcp://{i}:1", have_version=-1, receiving_version=version) for i in ids]
+
+
+def test_learner_first_then_relays_within_fanout():
+    ws = WeightSources("tcp://learner:5556", fanout=2)
+    rs = relays("a", "b", "c", "d")
+    assert ws.choose(1, "a", rs)[1] == LEARNER_ID
+    assert ws.choose(1, "b", rs)[1] == LEARNER_ID
+    third = ws.choose(1, "c", rs)[1]
+    assert third in ("a", "b")
+    fourth = ws.choose(1, "d", rs)[1]
+    assert fourth in ("a", "b", "c") and fourth != "d"
+    for sid in (LEARNER_ID, "a", "b", "c"):
+        assert len(ws.children(sid, 1)) <= 2
+
+
+def test_no_cycle_and_no_self():
+    ws = WeightSources("tcp://learner:5556", fanout=1)
+    rs = relays("a", "b")
+    assert ws.choose(1, "a", rs)[1] == LEARNER_ID
+    assert ws.choose(1, "b", rs)[1] == "a"
+    # a re-asks (e.g. its pull stalled): it must not be sent to its own child b
+    assert ws.choose(1, "a", rs)[1] != "b"
+
+
+def test_done_and_dead_free_slots():
+    ws = WeightSources("tcp://learner:5556", fanout=1)
+    rs = relays("a", "b")
+    ws.choose(1, "a", rs)
+    ws.done("a", 1)
+    assert ws.children(LEARNER_ID, 1) == set()
+    ws.choose(1, "b", rs)
+    ws.dead("b")
+    assert ws.children(LEARNER_ID, 1) == set()
+
+
+def test_relay_must_hold_or_receive_the_version():
+    ws = WeightSources("tcp://learner:5556", fanout=1)
+    old = [RelayView("a", "tcp://a:1", have_version=0, receiving_version=-1)]
+    ws.choose(1, "x", old)
+    assert ws.choose(1, "y", old)[1] == LEARNER_ID  # a holds only version 0: overflow goes to the learner
