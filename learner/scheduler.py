@@ -45,8 +45,6 @@ are requeued on load (the new epoch refuses the old leases), with END requeued e
 
 from __future__ import annotations
 
-import hashlib
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -58,6 +56,7 @@ from bus.messages import (
 )
 from common.config import LearnerConfig, SamplingConfig, StageConfig
 from learner.buffer import SOLVED_REWARD, GroupBuffer, ScoredGroup
+from learner.order import DatasetOrder
 
 RETRY_ADMISSION_S = 0.2  # a slot frees when a group is scored or a step ends: soon
 RETRY_WEIGHTS_S = 0.0  # pull, then ask again at once
@@ -129,50 +128,6 @@ class _Lease:
     max_tokens: int
     min_version: int
     deadline: float
-
-
-class DatasetOrder:
-    """Seeded per-pass permutation with a cursor; requeued prompt ids are served first."""
-
-    def __init__(self, prompt_ids: Sequence[str], seed: int):
-        self.ids = list(prompt_ids)
-        self.seed = seed
-        self.pass_ = 0
-        self.cursor = 0
-        self.requeue: deque[str] = deque()
-        self._perm = self._permutation()
-        self._fingerprint = hashlib.sha1("\n".join(self.ids).encode()).hexdigest()
-
-    def _permutation(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.pass_]).permutation(len(self.ids))
-
-    def next(self, blocked: Callable[[str], bool], n_blocked: int) -> str | None:
-        """The next prompt id that is not `blocked`, or None when all `n_blocked` of them are."""
-        while self.requeue:
-            pid = self.requeue.popleft()
-            if not blocked(pid):
-                return pid
-        if n_blocked >= len(self.ids):
-            return None
-        while True:  # ends within two passes: some prompt is unblocked
-            if self.cursor >= len(self.ids):
-                self.pass_, self.cursor = self.pass_ + 1, 0
-                self._perm = self._permutation()
-            pid = self.ids[self._perm[self.cursor]]
-            self.cursor += 1
-            if not blocked(pid):
-                return pid
-
-    def state_dict(self) -> dict:
-        return {"pass": self.pass_, "cursor": self.cursor, "requeue": list(self.requeue),
-                "fingerprint": self._fingerprint}
-
-    def load_state_dict(self, d: dict) -> None:
-        if d["fingerprint"] != self._fingerprint:
-            raise ValueError("scheduler state was saved with a different dataset (prompt ids differ)")
-        self.pass_, self.cursor = int(d["pass"]), int(d["cursor"])
-        self.requeue = deque(d["requeue"])
-        self._perm = self._permutation()
 
 
 class Scheduler:
