@@ -1,0 +1,328 @@
+"""The DeepSpeed learner: forward, GRPO loss, backward and one optimizer step per batch.
+
+DeepSpeed's engine does the work (`deepspeed.initialize`, `engine(...)`, `engine.backward`,
+`engine.step`) with the same code on CPU (its CPU accelerator, gloo) and GPU (nccl).
+
+One batch (`train_step`), on every rank with the same number of micro-batches M:
+
+    T       = mask tokens of the whole batch (all micro-batches, all ranks; all-reduced and checked
+              against the caller's total_tokens)
+    for each micro-batch j:  logits = engine(input_ids, attention_mask)
+        log pi, H = token_logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], T_sampling)
+        L_j       = policy_loss(..., mask = loss_mask[:, 1:], total_tokens = T)    (learner/loss.py)
+        engine.backward(L_j * world_size, scale_wrt_gas=False)
+    engine.step()                                                                   version += 1
+
+Why this gives the exact token-level mean: L_j is already the micro-batch's share of the batch mean
+(its token-sum over T), so the gradient we want is sum over ranks and micro-batches of grad L_j.
+DeepSpeed would divide each backward by gradient_accumulation_steps (so the config pins GAS = 1
+and backward passes scale_wrt_gas=False), and its data-parallel reduction AVERAGES over ranks
+(allreduce / world_size in ZeRO 0-1, the same in ZeRO-2/3's reduce-scatter), which the
+x world_size factor undoes. One engine.step() per batch whatever M is: the accumulation boundary is
+set by hand (`set_gradient_accumulation_boundary`, False before the last micro-batch, True on it),
+which is also when ZeRO 0-1 all-reduce; ZeRO-2/3 reduce in their backward hooks as they go.
+
+Empty filler micro-batches (b = 0, so every rank makes the same number of calls) run a real
+forward/backward on one dummy 2-token row with an all-zero mask: the loss is exactly 0 with a zero
+gradient, but every parameter is in the graph, so ZeRO-3's gather/reduce hooks fire in lockstep.
+
+`loss.sgd_steps` = K > 1 (ablations): pi_prox is recomputed first (a no-grad forward of every
+micro-batch), the micro-batches are split into K contiguous mini-batches (the same split on every
+rank since M is the same), and each gets its own T_k and optimizer step. Metrics are weighted by
+T_k / T so they stay batch token-means.
+
+Input checks (shapes, token ranges, finite values, equal M on all ranks, T) end in one all-reduce,
+so a bad batch raises the same ValueError on every rank before any forward: nothing hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from common.config import LearnerConfig
+from learner import checkpoint as ckpt
+from learner import ds_setup
+
+if TYPE_CHECKING:
+    from learner.buffer import MicroBatch
+
+
+@dataclass
+class _Batch:
+    """One micro-batch as tensors; the per-token ones are the [:, 1:] slices (aligned with targets)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor
+    behaviour: torch.Tensor
+    advantages: torch.Tensor
+
+
+class Trainer:
+    """One rank's DeepSpeed engine. Every rank calls the same methods in the same order
+    (learner/dist.py arranges that); `version` = optimizer steps done."""
+
+    def __init__(self, model_path: str | Path, cfg: LearnerConfig, *, temperature: float):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.rank, self.world_size = ds_setup.init_distributed()
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+        self.cfg, self.temperature, self.version = cfg, float(temperature), 0
+        self.model_path = str(model_path)
+        on_gpu = get_accelerator().device_name() != "cpu"
+        self.precision = ds_setup.resolve_precision(cfg.trainer.precision, on_gpu)
+        self.ds_config = ds_setup.build_deepspeed_config(cfg.trainer, cfg.optim, on_gpu=on_gpu,
+                                                         world_size=self.world_size)
+        torch.manual_seed(cfg.trainer.seed)
+        model = ds_setup.load_model(self.model_path, self.ds_config, self.precision)
+        if cfg.trainer.gradient_checkpointing:  # non-reentrant: the variant that works under ZeRO-3
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # from_pretrained returns eval mode, where HF skips gradient checkpointing
+        self.vocab_size = int(model.config.vocab_size)
+        self.model_dtype = ds_setup.folder_dtype(model.config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        self.zero_stage = int(self.engine.zero_optimization_stage())
+        self.device = self.engine.device
+
+    # ---- training -------------------------------------------------------------------------
+
+    def train_step(
+        self, micro_batches: Sequence[MicroBatch], total_tokens: int, entropy_coef: float
+    ) -> dict[str, float]:
+        """This rank's micro-batches (the same count on every rank) -> sgd_steps optimizer steps.
+        Returns metrics summed over micro-batches and ranks (loss metrics are batch token-means)."""
+        from learner.loss import token_logprobs_and_entropy
+
+        start = time.perf_counter()
+        n, k = len(micro_batches), self.cfg.loss.sgd_steps
+        spans = _spans(n, k)
+        error = next((e for e in (self._check(mb) for mb in micro_batches) if e), "")
+        local = [sum(_tokens(mb) for mb in micro_batches[a:b]) for a, b in spans]
+        span_tokens = self._agree(n, int(total_tokens), error, local)
+        batches = [self._tensors(mb) for mb in micro_batches]
+        prox: list[torch.Tensor | None] = [None] * n
+        if k > 1:  # pi_prox = the policy before this batch's first step (PPO's pi_old)
+            with torch.no_grad():
+                prox = [token_logprobs_and_entropy(self._logits(b), b.input_ids[:, 1:], self.temperature)[0]
+                        for b in batches]
+        sums: dict[str, torch.Tensor] = {}
+        norms: list[float] = []
+        for (a, b), tokens in zip(spans, span_tokens):
+            if tokens == 0:
+                continue  # the same on every rank: the tokens were all-reduced
+            for i in range(a, b):
+                self.engine.set_gradient_accumulation_boundary(i == b - 1)
+                out = self._loss(batches[i], prox[i], entropy_coef, tokens)
+                self.engine.backward(out.loss * self.world_size, scale_wrt_gas=False)
+                share = tokens / total_tokens
+                for key, value in out.metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value.double() * share
+                sums["loss/total"] = sums.get("loss/total", 0.0) + out.loss.detach().double() * share
+            norms.append(self._optimizer_step())
+            self.version += 1
+        metrics = self._sum_over_ranks(sums)
+        metrics["learner/grad_norm"] = float(np.mean(norms))
+        metrics["learner/lr"] = float(self.engine.get_lr()[0])
+        metrics["learner/tokens"] = float(total_tokens)
+        metrics["learner/step_s"] = time.perf_counter() - start
+        return metrics
+
+    def _loss(self, batch: _Batch, prox: torch.Tensor | None, entropy_coef: float, tokens: int):
+        from learner.loss import LossInputs, policy_loss, token_logprobs_and_entropy
+
+        logits = self._logits(batch)
+        logp, entropy = token_logprobs_and_entropy(logits, batch.input_ids[:, 1:], self.temperature)
+        inputs = LossInputs(logprobs=logp, entropy=entropy, behaviour_logprobs=batch.behaviour,
+                            advantages=batch.advantages, mask=batch.mask, prox_logprobs=prox)
+        return policy_loss(inputs, self.cfg.loss, entropy_coef, float(tokens))
+
+    def _logits(self, batch: _Batch) -> torch.Tensor:
+        out = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return out.logits[:, :-1]
+
+    def _optimizer_step(self) -> float:
+        """engine.step(); the pre-clip global gradient norm (DeepSpeed reports it for ZeRO >= 1;
+        under ZeRO 0 the module's grads are already all-reduced here, so we measure it)."""
+        own = ds_setup.grad_norm(self.engine.module) if self.zero_stage == 0 else None
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = own if norm is None else norm
+        return float(norm) if norm is not None else math.nan
+
+    def _check(self, mb: MicroBatch) -> str:
+        """'' or why this micro-batch is unusable (checked before any collective)."""
+        try:
+            shape = np.shape(mb.input_ids)
+            for name in ("attention_mask", "loss_mask", "behaviour_logprobs", "advantages"):
+                if np.shape(getattr(mb, name)) != shape:
+                    return f"{name} has shape {np.shape(getattr(mb, name))}, input_ids {shape}"
+            if len(shape) != 2:
+                return f"input_ids must be [b, L], got shape {shape}"
+            if shape[0] == 0:
+                return ""
+            ids, mask = np.asarray(mb.input_ids), np.asarray(mb.loss_mask)
+            if shape[1] < 2:
+                return f"sequences need >= 2 tokens, got L={shape[1]}"
+            if ids.min() < 0 or ids.max() >= self.vocab_size:
+                return f"token ids outside [0, {self.vocab_size})"
+            if np.any(mask[:, 0] != 0):
+                return "loss_mask[:, 0] must be 0 (no logit predicts position 0)"
+            live = mask > 0
+            finite = [np.isfinite(np.asarray(a)[live]).all() for a in (mb.advantages, mb.behaviour_logprobs)]
+            if not all(finite):
+                return "non-finite advantages or behaviour log-probs at loss positions"
+            if int(mb.n_tokens) != int(live.sum()):
+                return f"n_tokens={mb.n_tokens} but loss_mask has {int(live.sum())} tokens"
+        except (AttributeError, TypeError, ValueError) as e:
+            return f"malformed micro-batch: {e}"
+        return ""
+
+    def _agree(self, n: int, total: int, error: str, local_tokens: list[int]) -> list[int]:
+        """One MAX and one SUM all-reduce: the same verdict on every rank, then the global tokens
+        of each mini-batch."""
+        import torch.distributed as dist
+
+        flags = torch.tensor([n, -n, int(bool(error)), total, -total], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        tokens = torch.tensor(local_tokens or [0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tokens)
+        n_max, n_min, bad, t_max, t_min = flags.tolist()
+        n_min, t_min = -n_min, -t_min
+        span_tokens = tokens.tolist()[: len(local_tokens)]
+        if bad:
+            raise ValueError(f"bad micro-batch: {error}" if error else "bad micro-batch on another rank")
+        if n_max != n_min:
+            raise ValueError(f"ranks hold different micro-batch counts ({n_min}..{n_max}); "
+                             "pad with empty ones")
+        if t_max != t_min or sum(span_tokens) != total:
+            raise ValueError(f"total_tokens={total} (ranks {t_min}..{t_max}) but the batch has "
+                             f"{sum(span_tokens)} loss tokens")
+        if total <= 0:
+            raise ValueError("the batch has no loss tokens")
+        return span_tokens
+
+    def _tensors(self, mb: MicroBatch) -> _Batch:
+        ids = np.asarray(mb.input_ids)
+        if ids.shape[0] == 0:  # filler: one dummy row, all-zero mask (module docstring)
+            zeros = torch.zeros((1, 1), dtype=torch.float32, device=self.device)
+            dummy = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+            return _Batch(dummy, torch.ones_like(dummy), zeros, zeros, zeros)
+
+        def t(a: Any, dtype: torch.dtype, cut: bool) -> torch.Tensor:
+            a = np.asarray(a)[:, 1:] if cut else np.asarray(a)
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=self.device, dtype=dtype)
+
+        return _Batch(t(ids, torch.long, False), t(mb.attention_mask, torch.long, False),
+                      t(mb.loss_mask, torch.float32, True), t(mb.behaviour_logprobs, torch.float32, True),
+                      t(mb.advantages, torch.float32, True))
+
+    def _sum_over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        import torch.distributed as dist
+
+        keys = sorted(sums)
+        if not keys:
+            return {}
+        vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in keys]).to(self.device)
+        if self.world_size > 1:
+            dist.all_reduce(vec)
+        return dict(zip(keys, vec.tolist()))
+
+    # ---- weights and checkpoints ----------------------------------------------------------
+
+    def export_weights(self, dtype: str = "auto") -> list[tuple[str, np.ndarray, str]] | None:
+        """The full state dict as (HF name, array, dtype name) triples in state-dict order, tied
+        aliases included (lm_head.weight for tied embeddings, so vLLM's loader finds it). bfloat16
+        has no numpy dtype: its arrays are the raw bits as uint16 with dtype name "bfloat16".
+        Every rank must call (ZeRO-3 gathers collectively); rank 0 gets the list, others None."""
+        name = self.weights_dtype_name(dtype)
+        tdtype = getattr(torch, name)
+        module = self.engine.module
+        keys = list(module.state_dict(keep_vars=True).keys())
+        tensors = dict(module.named_buffers(remove_duplicate=False))
+        tensors.update(module.named_parameters(remove_duplicate=False))
+        unique: dict[int, torch.Tensor] = {}
+        for key in keys:
+            unique.setdefault(id(tensors[key]), tensors[key])
+        host: dict[int, np.ndarray] = {}
+        for group in ds_setup.gather_groups(list(unique.values()), self.zero_stage):
+            with ds_setup.gathered(group, self.zero_stage):
+                if self.rank == 0:
+                    for t in group:
+                        host[id(t)] = ds_setup.to_numpy(t, tdtype)
+        if self.rank != 0:
+            return None
+        return [(key, host[id(tensors[key])], name) for key in keys]
+
+    def weights_dtype_name(self, dtype: str = "auto") -> str:
+        """auto -> trainer.weights_dtype -> (auto) the model folder's dtype."""
+        name = dtype if dtype != "auto" else self.cfg.trainer.weights_dtype
+        name = self.model_dtype if name == "auto" else name
+        if name not in ds_setup.WEIGHT_DTYPES:
+            raise ValueError(f"weights dtype must be one of {ds_setup.WEIGHT_DTYPES}, got {name!r}")
+        return name
+
+    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any]) -> Path:
+        """All ranks: DeepSpeed's files + each rank's RNG, then (rank 0) or1_state.json and the
+        completion marker (learner/checkpoint.py). `directory` is the step's folder."""
+        import torch.distributed as dist
+
+        path = Path(directory)
+        ckpt.check_client_state(client_state)
+        if self.rank == 0:
+            ckpt.begin_save(path)
+        dist.barrier()
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={"or1_version": self.version},
+                                    save_latest=False)
+        ckpt.write_rng(path, self.rank, ds_setup.rng_states())
+        dist.barrier()
+        if self.rank == 0:
+            ckpt.write_state(path, self.version, self.world_size, client_state)
+            ckpt.mark_complete(path)
+        dist.barrier()
+        return path
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Restore engine (module, optimizer), version and RNG from a complete checkpoint;
+        returns its client_state. All ranks call."""
+        path = Path(directory)
+        doc = ckpt.read_state(path)
+        if doc["world_size"] != self.world_size:
+            raise ValueError(f"{path} was saved by {doc['world_size']} ranks; this run has {self.world_size}")
+        loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        self.version = int(doc["version"])
+        rng = ckpt.read_rng(path, self.rank)
+        if rng is not None:
+            ds_setup.set_rng_states(rng)
+        return doc["client_state"]
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def _spans(n: int, k: int) -> list[tuple[int, int]]:
+    """k contiguous, near-equal index ranges covering range(n) (some empty when n < k)."""
+    edges = [round(i * n / k) for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _tokens(mb: MicroBatch) -> int:
+    try:
+        return int((np.asarray(mb.loss_mask)[:, 1:] > 0).sum()) if np.shape(mb.loss_mask)[0] else 0
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return 0  # malformed: _check reports it
