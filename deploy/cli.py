@@ -1,0 +1,233 @@
+"""The `or1` command line: one command per role, each importing its role lazily so `or1 --help`
+stays instant (no torch, vllm or deepspeed at import time).
+
+Every role reads the same config file (`--config run.toml`, one section per role), then the
+repeated `--set a.b=c` overrides, then the direct flags for the knobs people tune most.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from common.config import Config, ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (sections: bus, learner, actor, reward, run).")
+SetOpt = typer.Option([], "--set", "-s", help="Override a config key, e.g. --set learner.optim.lr=1e-4 (repeatable).")
+LogOpt = typer.Option("auto", "--log-format", help="auto | console | json")
+LearnerOpt = typer.Option(None, "--learner", help="Learner control endpoint, e.g. tcp://10.0.0.1:5555.")
+
+
+def _config(path: Optional[str], sets: list[str], **flags) -> Config:
+    try:
+        return load_config(path, sets, **flags)
+    except ConfigError as e:
+        typer.echo(f"or1: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def default_run_config() -> str:
+    """The embedded default: the tiny model on the toy task (deploy/configs/tiny.toml)."""
+    from pathlib import Path
+
+    return str(Path(__file__).parent / "configs" / "tiny.toml")
+
+
+@app.command()
+def run(
+    config: Optional[str] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    steps: Optional[int] = typer.Option(None, help="Total optimizer steps."),
+    actors: Optional[int] = typer.Option(None, help="Actor processes to start."),
+    reward_workers: Optional[int] = typer.Option(None, help="Reward worker processes to start."),
+    max_staleness: Optional[int] = typer.Option(None, help="η: 0 = synchronous on-policy."),
+    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
+    out: Optional[str] = typer.Option(None, help="Run directory (default runs/<timestamp>)."),
+    log_format: str = LogOpt,
+) -> None:
+    """Train on this machine: learner, actors and reward workers as separate processes over the bus.
+    With no arguments: the embedded tiny model on the toy task, nothing downloaded."""
+    cfg = _config(config or default_run_config(), set_, **{"run.steps": steps, "run.actors": actors, "run.reward_workers": reward_workers,
+                                   "learner.max_staleness": max_staleness, "actor.engine": engine, "learner.run_dir": out})
+    from deploy.local import run as run_local
+
+    raise typer.Exit(run_local(cfg, explicit_out=out is not None, log_format=log_format))
+
+
+@app.command()
+def learner(
+    config: Optional[str] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    model: Optional[str] = typer.Option(None, help="Model folder, hub name, or 'tiny'."),
+    max_staleness: Optional[int] = typer.Option(None, help="η: most optimizer steps a trained group may lag."),
+    port: Optional[int] = typer.Option(None, help="Control port (weights port = this + 1 unless set)."),
+    run_dir: Optional[str] = typer.Option(None, help="Run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the run directory."),
+    log_format: str = LogOpt,
+) -> None:
+    """The learner: scheduler, buffer, DeepSpeed trainer and weight store, serving the bus."""
+    flags = {"learner.model": model, "learner.max_staleness": max_staleness, "learner.control_port": port,
+             "learner.run_dir": run_dir, "learner.resume": resume or None}
+    if port is not None and not any(s.startswith("learner.weights_port") for s in set_):
+        flags["learner.weights_port"] = port + 1 if port else 0
+    cfg = _config(config, set_, **flags)
+    from learner.run import run as run_learner
+
+    raise typer.Exit(run_learner(cfg, log_format=log_format) or 0)
+
+
+@app.command()
+def actor(
+    config: Optional[str] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    learner: Optional[str] = LearnerOpt,
+    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
+    relay_bind: Optional[str] = typer.Option(None, help="Serve weights to peers, e.g. tcp://*:5557."),
+    worker_id: Optional[str] = typer.Option(None, help="Stable id of this actor."),
+    log_format: str = LogOpt,
+) -> None:
+    """A rollout worker: leases prompts, generates with vLLM (or HF), submits, pulls new weights."""
+    cfg = _config(config, set_, **{"actor.learner": learner, "actor.engine": engine, "actor.relay_bind": relay_bind,
+                                   "actor.worker_id": worker_id})
+    from actors.actor import run as run_actor
+
+    raise typer.Exit(run_actor(cfg, log_format=log_format) or 0)
+
+
+@app.command()
+def reward(
+    config: Optional[str] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    learner: Optional[str] = LearnerOpt,
+    workers: Optional[int] = typer.Option(None, help="Scoring processes."),
+    worker_id: Optional[str] = typer.Option(None, help="Stable id of this reward worker."),
+    log_format: str = LogOpt,
+) -> None:
+    """A reward worker service: scores math and code responses for the learner."""
+    cfg = _config(config, set_, **{"reward.learner": learner, "reward.workers": workers, "reward.worker_id": worker_id})
+    from common.log import setup_logging
+    from rewards.worker import run as run_reward
+
+    setup_logging("reward", cfg.reward.worker_id, log_format)
+    raise typer.Exit(run_reward(cfg.reward, cfg.bus) or 0)
+
+
+@app.command()
+def score(
+    file: str = typer.Argument(..., help="JSONL of {response, reference} records."),
+    kind: str = typer.Option(..., help="math | code"),
+    workers: int = typer.Option(2, help="Scoring processes."),
+    config: Optional[str] = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Score a file of responses and print one JSON result per line, in input order."""
+    if kind not in ("math", "code"):
+        typer.echo(f"or1: --kind must be math or code, got {kind!r}", err=True)
+        raise typer.Exit(2)
+    cfg = _config(config, set_)
+    from rewards.score import score_file
+
+    raise typer.Exit(score_file(file, kind, workers, cfg.reward))
+
+
+@app.command()
+def status(
+    learner: str = typer.Option("tcp://127.0.0.1:5555", help="Learner control endpoint."),
+    watch: float = typer.Option(0.0, help="Refresh every N seconds (0 = print once)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the raw status as JSON."),
+    config: Optional[str] = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Show the fleet (role, id, host, held version, lag, tokens/s, last heartbeat), version, η, queues."""
+    cfg = _config(config, set_)
+    from deploy.admin import show_status
+
+    raise typer.Exit(show_status(learner, cfg, watch=watch, as_json=json_out))
+
+
+@app.command("set")
+def set_cmd(
+    key: str = typer.Argument(..., help="Setting, e.g. max-staleness."),
+    value: str = typer.Argument(..., help="New value."),
+    learner: str = typer.Option("tcp://127.0.0.1:5555", help="Learner control endpoint."),
+    admin_key: str = typer.Option("", envvar="OR1_ADMIN_KEY", help="Admin key, if the learner requires one."),
+    config: Optional[str] = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Change a setting of a live run, e.g. `or1 set max-staleness 2`."""
+    cfg = _config(config, set_)
+    from deploy.admin import set_value
+
+    raise typer.Exit(set_value(learner, key, value, cfg, admin_key=admin_key))
+
+
+@app.command()
+def keys(
+    directory: str = typer.Argument(..., help="Where to write the key pairs."),
+    names: list[str] = typer.Option(["learner", "client"], "--name", help="Key pair names (repeatable)."),
+) -> None:
+    """Make CurveZMQ key pairs (public `NAME.key`, secret `NAME.key_secret`)."""
+    from bus.auth import make_keys
+
+    for name in names:
+        pub, sec = make_keys(directory, name)
+        typer.echo(f"{name}: {pub} {sec}")
+
+
+@app.command()
+def plot(run_dir: str = typer.Argument(..., help="A run directory with metrics.jsonl.")) -> None:
+    """Write RUN_DIR/curves.png: reward, entropy and coefficient, staleness, throughput."""
+    from deploy.plot import plot_run
+
+    typer.echo(plot_run(run_dir))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model folder (or a run directory's exported weights)."),
+    config: Optional[str] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    samples: int = typer.Option(4, help="Samples per problem."),
+    limit: Optional[int] = typer.Option(None, help="Problems to evaluate."),
+    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
+) -> None:
+    """Mean reward (avg@k) of a model on the configured data, scored by the real reward code."""
+    cfg = _config(config, set_, **{"learner.data.limit": limit, "actor.engine": engine})
+    from deploy.evaluate import evaluate
+
+    raise typer.Exit(evaluate(model, cfg, samples=samples))
+
+
+@app.command("filter")
+def filter_cmd(
+    model: str = typer.Argument(..., help="Model folder used to measure pass rates."),
+    out: str = typer.Argument(..., help="Output JSONL of the kept problems."),
+    config: Optional[str] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    samples: int = typer.Option(8, help="N samples per problem."),
+    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
+) -> None:
+    """Offline pass-rate filter: drop problems the model solves 0/N or N/N times."""
+    cfg = _config(config, set_, **{"actor.engine": engine})
+    from deploy.evaluate import offline_filter
+
+    raise typer.Exit(offline_filter(model, out, cfg, samples=samples))
+
+
+@app.command("tiny-model")
+def tiny_model(
+    directory: str = typer.Argument(..., help="Where to write the model folder."),
+    warm: bool = typer.Option(True, "--warm/--no-warm", help="Warm-start with a short supervised pass."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Build the embedded tiny Qwen2 model with its own tokenizer (an ordinary HF folder)."""
+    from common.tinymodel import main
+
+    raise typer.Exit(main(directory, warm=warm, seed=seed))
+
+
+if __name__ == "__main__":
+    app()

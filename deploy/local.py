@@ -1,0 +1,195 @@
+"""`or1 run`: every role as its own process on this machine, over the real bus.
+
+    build (or reuse) the model  →  write the resolved config  →  start the learner,
+    the reward workers and the actors (logs under RUN_DIR/logs/)  →  follow metrics.jsonl with a
+    live progress bar  →  summary and curves.png.  Ctrl-C stops every child cleanly.
+
+The children are started exactly as a user would start them on other nodes (`or1 learner`,
+`or1 reward --learner …`, `or1 actor --learner …`), with the resolved config file, so what works
+here works across machines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import Config, save_config
+from common.metrics import read_jsonl
+
+STOP_GRACE_S = 15.0
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class Fleet:
+    run_dir: Path
+    config_path: Path
+    learner_ep: str
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+        log = self.run_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "deploy.cli", *args, "--config", str(self.config_path), "--log-format", "json"]
+        proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def start_actor(self, i: int) -> Child:
+        return self.start(f"actor{i}", ["actor", "--learner", self.learner_ep, "--worker-id", f"actor{i}",
+                                        "--relay-bind", "tcp://127.0.0.1:0"])
+
+    def start_reward(self, i: int) -> Child:
+        return self.start(f"reward{i}", ["reward", "--learner", self.learner_ep, "--worker-id", f"reward{i}"])
+
+    def stop(self) -> None:
+        """SIGTERM everyone (actors release leases, workers say Bye), SIGKILL whoever lingers."""
+        for c in self.children:
+            if c.proc.poll() is None:
+                _signal(c.proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for c in self.children:
+            try:
+                c.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(c.proc, signal.SIGKILL)
+                c.proc.wait()
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+def prepare(cfg: Config, explicit_out: bool) -> Config:
+    """Resolve what the children need: run dir, model folder, ports."""
+    lc = cfg.learner
+    if not explicit_out and lc.run_dir == "runs/latest":
+        lc.run_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    if lc.model == "tiny":
+        from common.tinymodel import ensure_tiny_model
+
+        print(f"or1: building or reusing the embedded tiny model in {cfg.run.cache_dir} ...", flush=True)
+        lc.model = str(ensure_tiny_model(Path(cfg.run.cache_dir).expanduser(), warm=cfg.run.warm_start))
+    if lc.control_port == 0 or not port_free(lc.control_port):
+        lc.control_port = free_port()
+    if lc.weights_port == 0 or not port_free(lc.weights_port) or lc.weights_port == lc.control_port:
+        lc.weights_port = free_port()
+    lc.bind_host = "127.0.0.1"
+    lc.advertise_host = "127.0.0.1"
+    return cfg
+
+
+def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> int:
+    t_start = time.monotonic()
+    cfg = prepare(cfg, explicit_out)
+    run_dir = Path(cfg.learner.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    save_config(cfg, config_path)
+    fleet = Fleet(run_dir, config_path, f"tcp://127.0.0.1:{cfg.learner.control_port}")
+    print(f"or1: run directory {run_dir}  (learner {fleet.learner_ep}; `or1 status --learner {fleet.learner_ep}`)", flush=True)
+    interrupted = False
+    try:
+        learner = fleet.start("learner", ["learner"])
+        for i in range(cfg.run.reward_workers):
+            fleet.start_reward(i)
+        for i in range(cfg.run.actors):
+            fleet.start_actor(i)
+        follow(fleet, learner, total_steps(cfg))
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nor1: interrupted; stopping every process ...", flush=True)
+    finally:
+        fleet.stop()
+    rc = learner.proc.returncode if learner.proc.returncode is not None else 1
+    print(summary(run_dir, time.monotonic() - t_start))
+    try:
+        from deploy.plot import plot_run
+
+        print(f"or1: curves in {plot_run(run_dir)}")
+    except Exception as e:  # a run without metrics still ends cleanly
+        print(f"or1: no plot ({e})")
+    if interrupted:
+        return 130
+    if rc != 0:
+        print(f"or1: the learner exited with {rc}; see {learner.log}")
+    return rc
+
+
+def total_steps(cfg: Config) -> int:
+    return cfg.run.steps or sum(s.steps for s in cfg.learner.stages)
+
+
+def follow(fleet: Fleet, learner: Child, steps: int) -> None:
+    """A live progress bar fed by metrics.jsonl until the learner exits."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    metrics = fleet.run_dir / "metrics.jsonl"
+    cols = [TextColumn("[bold]or1"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}")]
+    with Progress(*cols, refresh_per_second=4) as bar:
+        task = bar.add_task("starting: building engines ...", total=steps)
+        seen = 0
+        while learner.proc.poll() is None:
+            time.sleep(0.5)
+            rows = [r for r in read_jsonl(metrics) if "reward/mean" in r] if metrics.exists() else []
+            if len(rows) > seen:
+                seen = len(rows)
+                r = rows[-1]
+                bar.update(task, completed=r["step"], description=progress_line(r))
+            for c in fleet.children:
+                if c is not learner and c.proc.poll() not in (None, 0) and not getattr(c, "reported", False):
+                    c.reported = True
+                    bar.console.print(f"[yellow]{c.name} exited with {c.proc.returncode}; see {c.log}")
+
+
+def progress_line(r: dict) -> str:
+    return (f"reward {r.get('reward/mean', 0):.2f}  len {r.get('reward/response_len', 0):.1f}  "
+            f"trunc {r.get('reward/truncated_frac', 0):.2f}  entropy {r.get('entropy/mean', 0):.3f}  "
+            f"stale {r.get('staleness/max', 0):.0f}  tok/s {r.get('actor/tokens_per_s', 0):.0f}")
+
+
+def summary(run_dir: Path, wall_s: float) -> str:
+    path = run_dir / "metrics.jsonl"
+    rows = [r for r in read_jsonl(path) if "reward/mean" in r] if path.exists() else []
+    if not rows:
+        return f"or1: no training step finished ({wall_s:.0f} s)"
+    mean = lambda xs: sum(xs) / len(xs)
+    first = mean([r["reward/mean"] for r in rows[:5]])
+    last = mean([r["reward/mean"] for r in rows[-10:]])
+    ent = rows[-1].get("entropy/mean", float("nan"))
+    stale = max(r.get("staleness/max", 0) for r in rows)
+    return (f"or1: {len(rows)} steps in {wall_s:.0f} s — reward {first:.2f} (first 5) → {last:.2f} (last 10), "
+            f"entropy {ent:.3f}, staleness max {stale:.0f}; run directory {run_dir}")

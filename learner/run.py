@@ -1,0 +1,204 @@
+"""`or1 learner`: the learner process.
+
+    rank 0                                            ranks > 0
+    ──────                                            ─────────
+    tokenise the data, build the Trainer              build the Trainer
+    --resume: load the latest checkpoint (new epoch)   worker_loop(): follow rank 0's commands
+    publish weights v, serve the bus
+    loop until the last stage's last step:
+        wait for B useful groups (service.next_batch)
+        micro-batches by token budget → every rank's train_step (one optimizer step)
+        entropy controller ← the step's entropy
+        export weights → publish v + 1 → scheduler.on_step()
+        metrics → metrics.jsonl + TensorBoard;  checkpoint every K steps
+    final checkpoint, tell actors the run is done (Wait(done)), stop
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from common.config import Config, save_config
+from common.log import get_logger, setup_logging
+
+log = get_logger()
+DONE_GRACE_S = 3.0  # after the last step, keep answering so actors hear Wait(done) and leave
+
+
+def run(cfg: Config, log_format: str = "auto") -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging("learner", f"rank{rank}", log_format)
+    lc = cfg.learner
+    model_path = resolve_model(cfg)
+    schedule_steps(cfg)
+
+    from learner.dist import RankGroup, worker_loop
+    from learner.trainer import Trainer
+
+    trainer = Trainer(model_path, lc, temperature=lc.sampling.temperature)
+    if trainer.rank != 0:
+        worker_loop(trainer)
+        return 0
+    group = RankGroup(trainer)
+    try:
+        return _serve_and_train(cfg, model_path, group)
+    finally:
+        group.stop()
+
+
+def resolve_model(cfg: Config) -> str:
+    """"tiny" → the embedded model (built once into the cache); anything else is used as given
+    (a local folder, or a hub name that transformers resolves)."""
+    if cfg.learner.model != "tiny":
+        return cfg.learner.model
+    from common.tinymodel import ensure_tiny_model
+
+    return str(ensure_tiny_model(Path(cfg.run.cache_dir).expanduser(), warm=cfg.run.warm_start))
+
+
+def schedule_steps(cfg: Config) -> None:
+    """`run.steps` overrides the total: later stages are cut, the last kept stage is stretched."""
+    total = cfg.run.steps
+    if total is None:
+        return
+    stages, left = [], total
+    for st in cfg.learner.stages:
+        if left <= 0:
+            break
+        stages.append(st.model_copy(update={"steps": min(st.steps, left)}))
+        left -= stages[-1].steps
+    if left > 0:
+        stages[-1] = stages[-1].model_copy(update={"steps": stages[-1].steps + left})
+    cfg.learner.stages = stages
+
+
+def _serve_and_train(cfg: Config, model_path: str, group) -> int:
+    from transformers import AutoTokenizer
+
+    from bus.server import Server
+    from bus.weights import WeightServer
+    from common.data import load_problems, tokenize_prompts
+    from common.metrics import JsonlSink, MultiSink, TensorBoardSink
+    from learner import checkpoint as ckpt
+    from learner.entropy import EntropyController
+    from learner.scheduler import Prompt, Scheduler
+    from learner.service import Ledger, LearnerService
+
+    lc = cfg.learner
+    run_dir = Path(lc.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "learner_config.json")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    max_prompt = max(16, cfg.actor.max_model_len - max(s.max_response_tokens for s in lc.stages))
+    pairs = tokenize_prompts(load_problems(lc.data), tokenizer, max_prompt_tokens=max_prompt)
+    prompts = [Prompt(p.id, ids, p.kind, p.reference) for p, ids in pairs]
+    log.info("data.loaded", problems=len(prompts), source=lc.data.source)
+
+    controller = EntropyController(lc.entropy)
+    latest = ckpt.latest_checkpoint(run_dir) if lc.resume else None
+    state = group.load_checkpoint(latest) if latest else {}
+    epoch = int(state.get("epoch", -1)) + 1
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    scheduler = Scheduler.from_config(prompts, lc, epoch, on_event=ledger.write)
+    if state:
+        scheduler.load_state_dict(state["scheduler"])
+        controller.load_state_dict(state["entropy"])
+        log.info("resumed", checkpoint=str(latest), version=scheduler.version, epoch=epoch)
+
+    host = lc.advertise_host or socket.gethostname()
+    weights = WeightServer(f"tcp://{lc.bind_host}:{lc.weights_port}", max_message_bytes=cfg.bus.max_message_bytes)
+    weights_ep = f"tcp://{host}:{weights.endpoint.rsplit(':', 1)[1]}"
+    publish(group, weights, scheduler.version, cfg)
+    run_id = state.get("run_id") or uuid.uuid4().hex[:12]
+    service = LearnerService(cfg, scheduler, run_id=run_id, model=model_path, weights_endpoint=weights_ep)
+    server = Server(f"tcp://{lc.bind_host}:{lc.control_port}", heartbeat_s=cfg.bus.heartbeat_s,
+                    liveness=cfg.bus.liveness, max_message_bytes=cfg.bus.max_message_bytes)
+    service.attach(server)
+    server.start()
+    log.info("learner.serving", control=server.endpoint, weights=weights_ep, version=scheduler.version, epoch=epoch)
+    (run_dir / "endpoint").write_text(f"tcp://{host}:{server.endpoint.rsplit(':', 1)[1]}\n")
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sink = MultiSink(JsonlSink(run_dir / "metrics.jsonl"), TensorBoardSink(run_dir / "tb"))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    try:
+        while not stop.is_set() and not scheduler.done:
+            if not train_one(cfg, group, service, controller, weights, sink, stop, pad_id):
+                break
+            v = service.published_version
+            if lc.checkpoint_every and v % lc.checkpoint_every == 0:
+                save(group, run_dir, service, controller, run_id, lc.keep_checkpoints)
+        if scheduler.version > 0 and not (lc.checkpoint_every and scheduler.version % lc.checkpoint_every == 0):
+            save(group, run_dir, service, controller, run_id, lc.keep_checkpoints)
+        service.finish()
+        if not stop.is_set():
+            stop.wait(DONE_GRACE_S)
+    finally:
+        server.stop()
+        weights.stop()
+        sink.close()
+        ledger.close()
+    log.info("learner.done", version=scheduler.version)
+    return 0
+
+
+def train_one(cfg: Config, group, service, controller, weights, sink, stop: threading.Event, pad_id: int) -> bool:
+    """One optimizer step: batch → micro-batches → train → publish → metrics. False if stopped."""
+    from learner.buffer import make_micro_batches, to_train_samples
+
+    lc = cfg.learner
+    t_wait = time.perf_counter()
+    batch = service.next_batch(stop)
+    if batch is None:
+        return False
+    wait_s = time.perf_counter() - t_wait
+    t0 = time.perf_counter()
+    samples = to_train_samples(batch.groups)
+    per_rank, mb_metrics = make_micro_batches(samples, lc.trainer.micro_batch_tokens, group.world_size,
+                                              pad_id=pad_id, mask_truncated=lc.loss.mask_truncated)
+    alpha = controller.alpha()
+    metrics = group.step(per_rank, int(mb_metrics["learner/loss_tokens"]), alpha)
+    metrics.update(controller.update(metrics["entropy/mean"]))
+    version = batch.version + 1
+    t_pub = time.perf_counter()
+    publish(group, weights, version, cfg)
+    metrics["learner/publish_s"] = time.perf_counter() - t_pub
+    metrics.update(service.step_done(version))
+    metrics.update({k: v for k, v in batch.metrics.items()})
+    metrics.update(mb_metrics)
+    metrics.update(service.fleet_metrics())
+    metrics.update({"learner/wait_s": wait_s, "learner/step_s": time.perf_counter() - t0, "entropy/alpha_applied": alpha})
+    sink.write(version, metrics)
+    log.info("step", version=version, reward=round(metrics.get("reward/mean", 0.0), 3),
+             entropy=round(metrics.get("entropy/mean", 0.0), 4), staleness_max=metrics.get("staleness/max"),
+             wait_s=round(wait_s, 2), step_s=round(metrics["learner/step_s"], 2))
+    return True
+
+
+def publish(group, weights, version: int, cfg: Config) -> None:
+    """Export the full state dict (gathered under ZeRO-3) and serve it as `version`."""
+    from bus.weights import WeightStore
+
+    exported = group.export_weights(cfg.learner.trainer.weights_dtype)
+    store = WeightStore.from_arrays(version, [(n, a) for n, a, _ in exported], chunk_bytes=cfg.bus.chunk_bytes,
+                                    dtype_names={n: d for n, _, d in exported})
+    weights.publish(store)
+
+
+def save(group, run_dir: Path, service, controller, run_id: str, keep: int) -> None:
+    from learner import checkpoint as ckpt
+
+    with service.lock:
+        state = {"epoch": service.scheduler.epoch, "run_id": run_id, "scheduler": service.scheduler.state_dict(),
+                 "entropy": controller.state_dict()}
+    path = group.save_checkpoint(ckpt.checkpoint_dir(run_dir, service.published_version), state)
+    ckpt.prune_checkpoints(run_dir, keep)
+    log.info("checkpoint.saved", path=str(path))

@@ -1,0 +1,266 @@
+"""The learner's bus handlers: leases, submissions, scoring, weights sources, status and settings.
+
+Handlers run on the control server's thread; the training loop runs on the main thread. Both
+touch the scheduler only under `self.lock`; the loop waits on `self.ready` for a batch.
+
+    actor   Hello → Welcome;  LeaseRequest → Lease | Wait;  Submit → SubmitAck;  Release
+            WeightSource → where to pull (learner or a relay peer, ≤ relay_fanout children each)
+    reward  Hello → Welcome;  Ready(credits);  ScoreRequest ← ;  ScoreResult
+    admin   Status → StatusReply;  Set(max_staleness) → SetReply
+    death   (liveness) → the actor's leases are requeued, the reward worker's requests reassigned
+
+Submitted groups are scored as one ScoreRequest per group (its n responses) and enter the
+scheduler's buffer with their rewards; every scheduler event goes to the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bus.dispatch import ScoreDispatcher
+from bus.messages import (
+    ERR_FORBIDDEN, ERR_NOT_FOUND, ROLE_ACTOR, ROLE_ADMIN, ROLE_REWARD, Error, Heartbeat, LeaseRequest, Message,
+    PeerInfo, Ready, Release, ScoreItem, ScoreOut, ScoreResult, Set, SetReply, Status, StatusReply, Submit, SubmitAck,
+    WAIT_DONE, Wait, WeightSource, Welcome,
+)
+from bus.server import Peer, Server
+from common.config import Config
+from common.log import get_logger
+from learner.scheduler import Accepted, Batch, Scheduler
+from learner.sources import RelayView, WeightSources
+
+log = get_logger()
+
+
+class Ledger:
+    """Append-only jsonl of every scheduler event (lease, accept, reject, end, step, …): the proof
+    that each lease ended as trained, filtered, released or requeued and nothing trained twice."""
+
+    def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", buffering=1)
+
+    def write(self, event: dict[str, Any]) -> None:
+        self._f.write(json.dumps(event, default=float) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class LearnerService:
+    def __init__(self, cfg: Config, scheduler: Scheduler, *, run_id: str, model: str, weights_endpoint: str,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cfg = cfg
+        self.scheduler = scheduler
+        self.run_id = run_id
+        self.model = model
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.ready = threading.Condition(self.lock)
+        self.published_version = scheduler.version
+        self.finished = False
+        self.server: Server | None = None
+        self.sources = WeightSources(weights_endpoint, cfg.bus.relay_fanout)
+        self.dispatcher = ScoreDispatcher(self._send, self._on_scores, timeout_s=cfg.learner.score_timeout_s)
+        self._scoring: dict[int, Accepted] = {}
+        self._window = {"len": 0.0, "trunc": 0.0, "samples": 0.0}
+
+    # --- wiring -------------------------------------------------------------------------------
+
+    def attach(self, server: Server) -> None:
+        self.server = server
+        server.on_hello(self.hello)
+        server.on_dead(self.dead)
+        server.heartbeat_reply(self.heartbeat)
+        for msg_type, fn in ((LeaseRequest, self.lease), (Submit, self.submit), (Release, self.release),
+                             (Ready, self.ready_msg), (ScoreResult, self.score_result), (Status, self.status),
+                             (Set, self.set), (WeightSource, self.weight_source)):
+            server.on(msg_type, self._guard(fn))
+
+    def _guard(self, fn: Callable[[Peer, Any], Message | None]) -> Callable[[Peer, Any], Message | None]:
+        def handler(peer: Peer, msg: Any) -> Message | None:
+            with self.lock:
+                return fn(peer, msg)
+        return handler
+
+    def _send(self, worker_id: str, msg: Message) -> bool:
+        return self.server is not None and self.server.send(worker_id, msg)
+
+    # --- session ------------------------------------------------------------------------------
+
+    def hello(self, peer: Peer) -> Message:
+        key = self.cfg.learner.admin_key
+        if peer.role == ROLE_ADMIN and key and peer.hello.admin_key != key:
+            return Error(ERR_FORBIDDEN, "admin key required")
+        with self.lock:
+            log.info("peer.hello", peer=peer.worker_id, role=peer.role, host=peer.host, held=peer.hello.weight_version)
+            return Welcome(run_id=self.run_id, epoch=self.scheduler.epoch, version=self.published_version,
+                           heartbeat_s=self.cfg.bus.heartbeat_s, liveness=self.cfg.bus.liveness,
+                           max_staleness=self.scheduler.eta, model=self.model,
+                           weights_endpoint=self.sources.learner_endpoint, stage=self.scheduler.stage)
+
+    def heartbeat(self, peer: Peer) -> Heartbeat:
+        with self.lock:
+            if peer.role == ROLE_ACTOR and peer.weight_version >= 0:
+                self.sources.done(peer.worker_id, peer.weight_version)
+            return Heartbeat(version=self.published_version, max_staleness=self.scheduler.eta)
+
+    def dead(self, peer: Peer) -> None:
+        with self.lock:
+            now = self.clock()
+            if peer.role == ROLE_ACTOR:
+                n = self.scheduler.actor_dead(peer.worker_id)
+                self.sources.dead(peer.worker_id)
+                log.warning("actor.gone", peer=peer.worker_id, requeued=n)
+            elif peer.role == ROLE_REWARD:
+                n = self.dispatcher.worker_dead(peer.worker_id, now)
+                log.warning("reward.gone", peer=peer.worker_id, reassigned=n)
+            self.ready.notify_all()
+
+    # --- actors -------------------------------------------------------------------------------
+
+    def lease(self, peer: Peer, msg: LeaseRequest) -> Message:
+        if self.finished:
+            return Wait(reason=WAIT_DONE, retry_after_s=5.0)
+        now = self.clock()
+        self.scheduler.expire(now)
+        return self.scheduler.grant(peer.worker_id, max(1, msg.max_groups), msg.weight_version, now)
+
+    def submit(self, peer: Peer, msg: Submit) -> SubmitAck:
+        now = self.clock()
+        res = self.scheduler.submit(peer.worker_id, msg.lease_id, msg.epoch, msg.groups, now)
+        for acc in res.accepted:
+            self._scoring[acc.group_id] = acc
+            items = [ScoreItem(kind=acc.prompt.kind, response=s.text, reference=acc.prompt.reference)
+                     for s in acc.group.samples]
+            self.dispatcher.submit(acc.group_id, items, now)
+        if res.rejected:
+            log.warning("submit.rejected", peer=peer.worker_id, lease_id=msg.lease_id, reason=res.reason)
+        return SubmitAck(lease_id=msg.lease_id, accepted=len(res.accepted), rejected=len(res.rejected), reason=res.reason)
+
+    def release(self, peer: Peer, msg: Release) -> None:
+        n = self.scheduler.release(peer.worker_id, msg.lease_ids)
+        log.info("lease.released", peer=peer.worker_id, leases=list(msg.lease_ids), requeued=n)
+        self.ready.notify_all()
+
+    def weight_source(self, peer: Peer, msg: WeightSource) -> Message:
+        version = self.published_version if msg.version < 0 else msg.version
+        if version > self.published_version:
+            return Error(ERR_NOT_FOUND, f"version {version} not published yet (latest {self.published_version})")
+        endpoint, source_id = self.sources.choose(version, peer.worker_id, self._relays())
+        return WeightSource(version=version, endpoint=endpoint, source_id=source_id)
+
+    def _relays(self) -> list[RelayView]:
+        out = []
+        for p in self.server.peers() if self.server else []:
+            if p.role == ROLE_ACTOR and p.hello.relay_endpoint:
+                have = int(p.stats.get("weights/have_version", p.weight_version))
+                recv = int(p.stats.get("weights/receiving_version", -1))
+                out.append(RelayView(p.worker_id, p.hello.relay_endpoint, have, recv))
+        return out
+
+    # --- reward workers -----------------------------------------------------------------------
+
+    def ready_msg(self, peer: Peer, msg: Ready) -> None:
+        self.dispatcher.ready(peer.worker_id, msg.credits, self.clock())
+
+    def score_result(self, peer: Peer, msg: ScoreResult) -> None:
+        self.dispatcher.result(peer.worker_id, msg, self.clock())
+
+    def _on_scores(self, group_id: int, results: list[ScoreOut]) -> None:
+        """Called by the dispatcher (under the lock) with one group's rewards."""
+        acc = self._scoring.pop(group_id, None)
+        if acc is None:
+            return
+        errors = [r.error for r in results if r.error]
+        if errors:
+            log.warning("score.errors", group_id=group_id, n=len(errors), first=errors[0][:120])
+        self.scheduler.scored(group_id, [r.reward for r in results])
+        for s in acc.group.samples:
+            self._window["len"] += len(s.token_ids)
+            self._window["trunc"] += s.finish_reason == "length"
+            self._window["samples"] += 1
+        self.ready.notify_all()
+
+    # --- admin --------------------------------------------------------------------------------
+
+    def status(self, peer: Peer, msg: Status) -> StatusReply:
+        now = time.monotonic()
+        leases = self.scheduler.leases_by_actor()
+        fleet = [PeerInfo(role=p.role, worker_id=p.worker_id, host=p.host, weight_version=p.weight_version,
+                          lag=max(0, self.published_version - p.weight_version) if p.role == ROLE_ACTOR else 0,
+                          tokens_per_s=float(p.stats.get("actor/tokens_per_s", 0.0)), last_seen_s=now - p.last_seen,
+                          leases=leases.get(p.worker_id, 0), relay_endpoint=p.hello.relay_endpoint)
+                 for p in (self.server.peers() if self.server else []) if p.role != ROLE_ADMIN]
+        queues = {**self.scheduler.counts(), "score_queued": self.dispatcher.queued,
+                  "score_outstanding": self.dispatcher.outstanding,
+                  "admission_load": self.scheduler.admission_load(), "admission_cap": self.scheduler.admission_cap()}
+        rates = {"actor/tokens_per_s": sum(p.tokens_per_s for p in fleet)}
+        return StatusReply(run_id=self.run_id, epoch=self.scheduler.epoch, version=self.published_version,
+                           max_staleness=self.scheduler.eta, fleet=fleet, queues=queues, rates=rates,
+                           stage=self.scheduler.stage)
+
+    def set(self, peer: Peer, msg: Set) -> Message:
+        key = self.cfg.learner.admin_key
+        if key and msg.admin_key != key:
+            return Error(ERR_FORBIDDEN, "admin key required")
+        if msg.key != "max_staleness":
+            return Error(ERR_NOT_FOUND, f"unknown setting {msg.key!r} (settable: max_staleness)")
+        try:
+            old = self.scheduler.set_max_staleness(msg.value)
+        except ValueError as e:
+            return Error("bad_value", str(e))
+        log.info("set", key=msg.key, old=old, new=msg.value, by=peer.worker_id)
+        self.ready.notify_all()
+        return SetReply(key=msg.key, old=old, new=self.scheduler.eta)
+
+    # --- the training loop's side ---------------------------------------------------------------
+
+    def next_batch(self, stop: threading.Event, poll_s: float = 0.25) -> Batch | None:
+        """Block until B useful groups are buffered (expiring leases and timed-out scores meanwhile)."""
+        with self.lock:
+            while not stop.is_set():
+                now = self.clock()
+                self.scheduler.expire(now)
+                self.dispatcher.tick(now)
+                batch = self.scheduler.take_batch()
+                if batch is not None:
+                    w = self._window
+                    batch.metrics["reward/response_len"] = w["len"] / w["samples"] if w["samples"] else 0.0
+                    batch.metrics["reward/truncated_frac"] = w["trunc"] / w["samples"] if w["samples"] else 0.0
+                    self._window = {"len": 0.0, "trunc": 0.0, "samples": 0.0}
+                    return batch
+                if self.scheduler.done:
+                    return None
+                self.ready.wait(poll_s)
+        return None
+
+    def step_done(self, version: int) -> dict[str, float]:
+        """The batch was trained and weights `version` are published: advance the scheduler."""
+        with self.lock:
+            self.published_version = version
+            m = self.scheduler.on_step()
+            self.ready.notify_all()
+            return m
+
+    def fleet_metrics(self) -> dict[str, float]:
+        """Actor throughput and sync times from the last heartbeats (sum of tokens/s, mean of the rest)."""
+        actors = [p for p in (self.server.peers() if self.server else []) if p.role == ROLE_ACTOR]
+        out: dict[str, float] = {"actor/count": float(len(actors)), "actor/tokens_per_s": 0.0}
+        for key in ("actor/idle_s", "weights/transfer_s", "weights/load_s", "weights/pause_s"):
+            vals = [float(p.stats[key]) for p in actors if key in p.stats]
+            if vals:
+                out[key] = sum(vals) / len(vals)
+        out["actor/tokens_per_s"] = sum(float(p.stats.get("actor/tokens_per_s", 0.0)) for p in actors)
+        if self.server is not None:
+            out.update({k: float(v) for k, v in self.server.metrics.items()})
+        out.update(self.dispatcher.metrics)
+        return out
+
+    def finish(self) -> None:
+        with self.lock:
+            self.finished = True
