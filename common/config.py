@@ -171,6 +171,10 @@ class LearnerConfig(Section):
     """Checkpoints kept on disk."""
     resume: bool = False
     """Continue from the latest checkpoint in run_dir (a new epoch)."""
+    stop_at_reward: float | None = Field(None, ge=0, le=1)
+    """End the run early once the mean reward of the last `stop_window` steps reaches this (None = never)."""
+    stop_window: int = Field(10, ge=1)
+    """Steps averaged for stop_at_reward."""
     admin_key: str = ""
     """Key needed by `or1 set` (empty = none needed on a plaintext bus)."""
     score_timeout_s: float = Field(120.0, gt=0)

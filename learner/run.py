@@ -129,15 +129,23 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
         signal.signal(sig, lambda *_: stop.set())
     sink = MultiSink(JsonlSink(run_dir / "metrics.jsonl"), TensorBoardSink(run_dir / "tb"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    recent: list[float] = []
     try:
         while not stop.is_set() and not scheduler.done:
-            if not train_one(cfg, group, service, controller, weights, sink, stop, pad_id):
+            reward = train_one(cfg, group, service, controller, weights, sink, stop, pad_id)
+            if reward is None:
+                break
+            recent = (recent + [reward])[-lc.stop_window:]
+            if reached(lc.stop_at_reward, recent, lc.stop_window):
+                log.info("learner.target_reached", reward=round(sum(recent) / len(recent), 3), version=scheduler.version)
                 break
             v = service.published_version
             if lc.checkpoint_every and v % lc.checkpoint_every == 0:
                 save(group, run_dir, service, controller, run_id, lc.keep_checkpoints)
         if scheduler.version > 0 and not (lc.checkpoint_every and scheduler.version % lc.checkpoint_every == 0):
             save(group, run_dir, service, controller, run_id, lc.keep_checkpoints)
+        if scheduler.version > 0:
+            save_model_folder(group, model_path, run_dir / "model", cfg)
         service.finish()
         if not stop.is_set():
             stop.wait(DONE_GRACE_S)
@@ -150,15 +158,20 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     return 0
 
 
-def train_one(cfg: Config, group, service, controller, weights, sink, stop: threading.Event, pad_id: int) -> bool:
-    """One optimizer step: batch → micro-batches → train → publish → metrics. False if stopped."""
+def reached(target: float | None, recent: list[float], window: int) -> bool:
+    return target is not None and len(recent) >= window and sum(recent) / len(recent) >= target
+
+
+def train_one(cfg: Config, group, service, controller, weights, sink, stop: threading.Event, pad_id: int) -> float | None:
+    """One optimizer step: batch → micro-batches → train → publish → metrics. Returns the step's
+    mean reward (all groups scored since the last step), None if stopped."""
     from learner.buffer import make_micro_batches, to_train_samples
 
     lc = cfg.learner
     t_wait = time.perf_counter()
     batch = service.next_batch(stop)
     if batch is None:
-        return False
+        return None
     wait_s = time.perf_counter() - t_wait
     t0 = time.perf_counter()
     samples = to_train_samples(batch.groups)
@@ -180,7 +193,7 @@ def train_one(cfg: Config, group, service, controller, weights, sink, stop: thre
     log.info("step", version=version, reward=round(metrics.get("reward/mean", 0.0), 3),
              entropy=round(metrics.get("entropy/mean", 0.0), 4), staleness_max=metrics.get("staleness/max"),
              wait_s=round(wait_s, 2), step_s=round(metrics["learner/step_s"], 2))
-    return True
+    return float(metrics.get("reward/mean", 0.0))
 
 
 def publish(group, weights, version: int, cfg: Config) -> None:
@@ -202,3 +215,33 @@ def save(group, run_dir: Path, service, controller, run_id: str, keep: int) -> N
     path = group.save_checkpoint(ckpt.checkpoint_dir(run_dir, service.published_version), state)
     ckpt.prune_checkpoints(run_dir, keep)
     log.info("checkpoint.saved", path=str(path))
+
+
+def save_model_folder(group, model_path: str, out: Path, cfg: Config) -> None:
+    """The trained policy as an ordinary HF folder (config and tokenizer files copied from the
+    model folder, weights from the learner): `or1 eval RUN_DIR/model`, vLLM and transformers load it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    exported = group.export_weights(cfg.learner.trainer.weights_dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    src = Path(model_path)
+    if src.is_dir():
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
+                shutil.copy2(f, out / f.name)
+    tensors = {n: (torch.from_numpy(a).view(torch.bfloat16) if d == "bfloat16" else torch.from_numpy(a)).contiguous()
+               for n, a, d in exported if n != "lm_head.weight" or not _tied(src)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    log.info("model.saved", path=str(out))
+
+
+def _tied(folder: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", False))
+    except OSError:
+        return False

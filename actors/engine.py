@@ -1,0 +1,150 @@
+"""The generation engine contract (DESIGN §6) and the pieces both engines share.
+
+An `Engine` turns prompts (token ids) into groups: for each prompt, `sampling.n` samples, each with
+its sampled token ids (int32), the log-probability of every sampled token under the distribution it
+was sampled from — after temperature and top-p, i.e. log_softmax(logits / T) renormalised over the
+top-p nucleus (vLLM's "processed_logprobs") — why it ended, and its decoded text (special tokens
+skipped). `load_weights` swaps the weights in place from (name, tensor) pairs in HF checkpoint names.
+
+Shared rules, so the two engines agree sample for sample where they can:
+- Seeds: prompt i of a call is sampled with seed `sampling.seed + i * n` (vLLM then seeds its j-th
+  sample with that + j; HF draws the prompt's n samples from that one stream), so identical prompts
+  in one call still get different samples and a call is reproducible per engine (the two engines'
+  RNGs differ). `seed=None` uses the engine's own RNG.
+- Length: a response gets at most `min(max_tokens, max_model_len - prompt length)` tokens; a prompt
+  that leaves no room is bad input.
+- Finish reason: "stop" when the last token is an end token (the stop check precedes the length
+  check, as in vLLM), "length" otherwise. The end token stays in `token_ids` (it is trained on).
+- Text: `tokenizer.decode(ids, skip_special_tokens=True)`, one batched call per generate; a pure
+  function of the ids in both engines.
+- temperature 0 means greedy (tests; n greedy samples are identical); RL samples at temperature > 0.
+Bad input raises ValueError with a one-line reason before the engine is touched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+
+from bus.messages import FINISH_LENGTH, FINISH_STOP, SamplingSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from common.config import ActorConfig
+
+MAX_SAMPLES = 1024  # most samples per prompt one call may ask for (a lease larger than this is malformed)
+
+
+@dataclass
+class GenSample:
+    """One sampled response (see the module doc for what `logprobs` holds)."""
+
+    token_ids: np.ndarray  # int32 [L]
+    logprobs: np.ndarray  # float32 [L], ≤ 0
+    finish_reason: str  # FINISH_STOP | FINISH_LENGTH
+    text: str
+
+
+class Engine(Protocol):
+    version: int
+    """Weights version held (-1 = the model folder's own weights)."""
+
+    def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
+        """One list of `sampling.n` samples per prompt, in prompt order."""
+        ...
+
+    def load_weights(self, named: Iterable[tuple[str, "torch.Tensor"]], version: int) -> dict[str, float]:
+        """Replace every weight in place (all or none); returns {"weights/load_s": seconds}."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def make_engine(kind: Literal["auto", "vllm", "hf"], model: str, cfg: "ActorConfig") -> Engine:
+    """`auto` = vLLM where importable, else the transformers fallback."""
+    if kind == "auto":
+        kind = "vllm" if vllm_available() else "hf"
+    if kind == "vllm":
+        from actors.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, cfg)
+    if kind == "hf":
+        from actors.hf_engine import HFEngine
+
+        return HFEngine(model, cfg)
+    raise ValueError(f"engine must be auto, vllm or hf, got {kind!r}")
+
+
+def check_request(prompts: Sequence[np.ndarray], sampling: SamplingSpec, vocab_size: int,
+                  max_model_len: int) -> list[list[int]]:
+    """Validate a generate call; returns the prompts as lists of ints. ValueError on bad input."""
+    s = sampling
+    if not 1 <= s.n <= MAX_SAMPLES:
+        raise ValueError(f"n must be in [1, {MAX_SAMPLES}], got {s.n}")
+    if not (np.isfinite(s.temperature) and s.temperature >= 0):
+        raise ValueError(f"temperature must be ≥ 0, got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
+    if s.max_tokens < 1:
+        raise ValueError(f"max_tokens must be ≥ 1, got {s.max_tokens}")
+    if s.seed is not None and not 0 <= s.seed < 2**62:
+        raise ValueError(f"seed must be in [0, 2^62), got {s.seed}")
+    out = []
+    for i, p in enumerate(prompts):
+        a = np.asarray(p)
+        if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"prompt {i}: expected a non-empty 1-d integer array, got {a.dtype} {a.shape}")
+        if a.min() < 0 or a.max() >= vocab_size:
+            raise ValueError(f"prompt {i}: token ids must be in [0, {vocab_size}), "
+                             f"got [{a.min()}, {a.max()}]")
+        if a.size >= max_model_len:
+            raise ValueError(f"prompt {i}: {a.size} tokens leave no room under max_model_len {max_model_len}")
+        out.append(a.tolist())
+    return out
+
+
+def response_budget(prompt_len: int, max_tokens: int, max_model_len: int) -> int:
+    return min(max_tokens, max_model_len - prompt_len)
+
+
+def prompt_seed(sampling: SamplingSpec, i: int) -> int | None:
+    return None if sampling.seed is None else sampling.seed + i * sampling.n
+
+
+def decode_texts(tokenizer: Any, samples: Sequence[np.ndarray]) -> list[str]:
+    """Text of each sample: one batched `decode(ids, skip_special_tokens=True)` (the Rust tokenizer
+    decodes the batch in one call). Both engines use this, so text is a pure function of the ids —
+    vLLM's incremental detokenizer instead withholds a trailing incomplete UTF-8 sequence."""
+    return tokenizer.batch_decode([s.tolist() for s in samples], skip_special_tokens=True)
+
+
+def make_sample(ids: np.ndarray, logprobs: np.ndarray, text: str, end_ids: frozenset[int]) -> GenSample:
+    """The sample, its finish reason read off its last token."""
+    stop = ids.size > 0 and int(ids[-1]) in end_ids
+    return GenSample(ids, logprobs, FINISH_STOP if stop else FINISH_LENGTH, text)
+
+
+def end_token_ids(model_dir: str, tok: Any) -> frozenset[int]:
+    """Ids that end a response: the tokenizer's eos plus generation_config's eos_token_id (one or a
+    list) — what vLLM stops on (its eos plus `stop_token_ids` from the generation config)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    ids: set[int] = set()
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json: the model config's eos
+        eos = getattr(AutoConfig.from_pretrained(model_dir), "eos_token_id", None)
+    if eos is not None:
+        ids.update([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    return frozenset(ids)

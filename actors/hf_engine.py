@@ -1,0 +1,122 @@
+"""`HFEngine`: the Engine contract on transformers `generate`, for machines without vLLM.
+
+Generation, per prompt (no padding, so no position or mask subtleties): the prompt repeated `n`
+times as one batch, `generate(do_sample=T > 0, temperature=T, top_p, max_new_tokens,
+eos_token_id=<end ids>, output_scores=True)` with a GenerationConfig built here, every other
+distribution-shaping field set to its neutral value (top_k=0, repetition_penalty=1, …): generate()
+would otherwise fill them from the folder's generation_config (Qwen ships top_k=20,
+repetition_penalty=1.05), while vLLM given explicit SamplingParams takes only the end tokens from
+it. `scores` are the logits after the logits processors (temperature, then top-p masking to -inf),
+the distribution actually sampled from; log_softmax of them at the sampled token is the processed
+log-prob, the same quantity as vLLM's "processed_logprobs". Greedy (T = 0) scores are the raw
+logits. A sample ends at its first end token (kept); later positions are generate's padding. Text:
+`actors.engine.decode_texts`. Device: CUDA when available, else CPU.
+Seeds: the RNG is seeded with the prompt's seed inside `torch.random.fork_rng`, so the caller's
+global RNG is untouched; the samples of one prompt then draw from that one stream (not vLLM's
+per-sample streams: the two engines are each reproducible, not identical to each other).
+
+Weights: `load_state_dict(strict=True)` after checking names and shapes (all or none); a tied model
+may omit `lm_head.weight` (it is the embedding). Tensors of another floating dtype are converted by
+the copy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from actors.engine import (
+    GenSample,
+    check_request,
+    decode_texts,
+    end_token_ids,
+    make_sample,
+    prompt_seed,
+    response_budget,
+)
+from actors.weights_io import check_named, expected_shapes, folder_dtype
+from bus.messages import SamplingSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from common.config import ActorConfig
+
+
+class HFEngine:
+    def __init__(self, model: str, cfg: "ActorConfig", device: str = ""):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        t0 = time.perf_counter()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model_dir = model
+        self.version = -1
+        self.max_model_len = cfg.max_model_len
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        dtype = getattr(torch, folder_dtype(model, cfg.dtype))
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        self.vocab_size = int(self.model.config.vocab_size)
+        self._shapes, self._tied = expected_shapes(model)
+        self._end_ids = end_token_ids(model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else min(self._end_ids)
+        self.startup_s = time.perf_counter() - t0
+
+    def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
+        ids = check_request(prompts, sampling, self.vocab_size, self.max_model_len)
+        return [self._generate_one(p, sampling, prompt_seed(sampling, i)) for i, p in enumerate(ids)]
+
+    def _generate_one(self, prompt: list[int], s: SamplingSpec, seed: int | None) -> list[GenSample]:
+        import torch
+
+        budget = response_budget(len(prompt), s.max_tokens, self.max_model_len)
+        x = torch.tensor([prompt] * s.n, dtype=torch.long, device=self.device)
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(x, attention_mask=torch.ones_like(x),
+                                      generation_config=self._gen_config(s, budget))
+        new = out.sequences[:, len(prompt):]  # [n, steps]
+        scores = torch.stack(out.scores, dim=1).float()  # [n, steps, V] processed logits
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1).cpu()
+        new = new.cpu()
+        cut = [self._cut(new[j].tolist(), logprobs[j].numpy()) for j in range(s.n)]
+        texts = decode_texts(self.tokenizer, [ids for ids, _ in cut])
+        return [make_sample(ids, lp, text, self._end_ids) for (ids, lp), text in zip(cut, texts)]
+
+    def _gen_config(self, s: SamplingSpec, budget: int) -> Any:
+        from transformers import GenerationConfig
+
+        sample = s.temperature > 0
+        # generate() fills every field left None from the folder's generation_config (e.g. Qwen's
+        # top_k=20, repetition_penalty=1.05): set each distribution-shaping one to its neutral value.
+        neutral = dict(top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                       repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                       min_length=0, min_new_tokens=0)
+        return GenerationConfig(
+            max_new_tokens=budget, do_sample=sample, temperature=s.temperature if sample else 1.0,
+            top_p=s.top_p if sample else 1.0, eos_token_id=sorted(self._end_ids), pad_token_id=self._pad_id,
+            bos_token_id=None, return_dict_in_generate=True, output_scores=True, **neutral)
+
+    def _cut(self, tokens: list[int], logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Up to and including the first end token; the rest is generate's padding."""
+        end = next((k + 1 for k, t in enumerate(tokens) if t in self._end_ids), len(tokens))
+        return np.asarray(tokens[:end], dtype=np.int32), logprobs[:end].astype(np.float32)
+
+    def load_weights(self, named: Iterable[tuple[str, "torch.Tensor"]], version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        state = dict(check_named(named, self._shapes, self._tied))
+        if self._tied and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        self.model.load_state_dict(state, strict=True)
+        self.version = version
+        return {"weights/load_s": time.perf_counter() - t0}
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,145 @@
+"""Background weight sync for an actor: pull the newest version while generation goes on.
+
+The learner announces its version in every reply (Welcome, Heartbeat). As soon as it is ahead of
+what this actor holds, a background thread asks the learner for a source (`WeightSource`: the
+learner's weights port or a relay peer), pulls the flat buffer chunk by chunk, and — when this actor
+relays — serves each chunk to its own children as soon as it has arrived. The run loop loads the
+finished store into the engine between leases, so generation pauses only for the load, not for
+the transfer (DESIGN §5: "the actor keeps generating with its old weights meanwhile, within η").
+A stalled or failed transfer is retried from another source; the old weights stay in use.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from bus.client import Client, RemoteError
+from bus.messages import WeightSource
+from bus.weights import PartialStore, WeightServer, WeightStore, fetch_manifest, pull
+from common.config import BusConfig
+from common.log import get_logger
+
+log = get_logger()
+
+
+@dataclass
+class SyncStats:
+    transfer_s: float = 0.0
+    bytes: int = 0
+    retries: int = 0
+    failures: int = 0
+    receiving_version: int = -1
+    have_version: int = -1  # newest complete store (served by the relay before the engine loads it)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class WeightSync:
+    """Owns the pull thread. `ready()` hands the newest complete store to the run loop (once);
+    `wait_for(version)` blocks until a store of at least that version is there."""
+
+    def __init__(self, client: Client, bus: BusConfig, relay: WeightServer | None = None):
+        self.client = client
+        self.bus = bus
+        self.relay = relay
+        self.held_version = -1  # version loaded into the engine (set by the run loop)
+        self.stats = SyncStats()
+        self._store: WeightStore | None = None
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="weight-sync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+
+    def reset(self) -> None:
+        """Forget what is held (the learner restarted behind us): the next wanted version is its latest."""
+        with self._cv:
+            self.held_version = -1
+            self._store = None
+            self.stats.have_version = -1
+
+    def ready(self) -> WeightStore | None:
+        """The newest complete store newer than the held version, handed over once."""
+        with self._cv:
+            store, self._store = self._store, None
+        if store is not None and store.manifest.version <= self.held_version:
+            return None
+        return store
+
+    def wait_for(self, version: int, timeout: float) -> WeightStore | None:
+        """Block until a complete store with version ≥ `version` is there (or timeout)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while not self._stop.is_set():
+                if self._store is not None and self._store.manifest.version >= version:
+                    store, self._store = self._store, None
+                    return store
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cv.wait(min(left, 0.2))
+        return None
+
+    def _wanted(self) -> int:
+        with self._cv:
+            have = max(self.held_version, self._store.manifest.version if self._store else -1)
+        latest = self.client.server_version
+        return latest if latest > have else -1
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            version = self._wanted()
+            if version < 0:
+                self._stop.wait(0.05)
+                continue
+            try:
+                store = self._pull(version)
+            except Exception as e:  # a failed pull keeps the old weights; try again shortly
+                self.stats.failures += 1
+                log.warning("weights.pull_failed", version=version, error=str(e))
+                self._stop.wait(1.0)
+                continue
+            with self._cv:
+                if self._store is None or store.manifest.version > self._store.manifest.version:
+                    self._store = store
+                self._cv.notify_all()
+
+    def _source(self, version: int) -> str:
+        reply = self.client.request(WeightSource(version=version), timeout=10.0)
+        if not isinstance(reply, WeightSource) or not reply.endpoint:
+            raise RemoteError("not_found", f"no source for version {version}")
+        return reply.endpoint
+
+    def _pull(self, version: int) -> WeightStore:
+        self.stats.receiving_version = version
+        first = [self._source(version)]
+        partial = None
+        if self.relay is not None:
+            # Relay while receiving: children may ask for chunks we are still pulling.
+            partial = PartialStore(fetch_manifest(first[0], version, timeout=self.bus.chunk_timeout_s))
+            self.relay.publish_partial(partial)
+        store, metrics = pull(
+            lambda: first.pop() if first else self._source(version),
+            version,
+            window=self.bus.pull_window,
+            chunk_timeout_s=self.bus.chunk_timeout_s,
+            partial=partial,
+            max_message_bytes=self.bus.max_message_bytes,
+        )
+        if self.relay is not None:
+            self.relay.publish(store)
+        self.stats.have_version = store.manifest.version
+        self.stats.transfer_s = metrics.get("weights/transfer_s", 0.0)
+        self.stats.bytes = int(metrics.get("weights/bytes", 0))
+        self.stats.retries += int(metrics.get("weights/retries", 0))
+        self.stats.last_metrics = metrics
+        self.stats.receiving_version = -1
+        log.info("weights.pulled", version=store.manifest.version, transfer_s=round(self.stats.transfer_s, 3))
+        return store

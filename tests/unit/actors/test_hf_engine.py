@@ -1,0 +1,98 @@
+"""HFEngine: processed log-probs computed by hand (temperature, top-p nucleus renormalisation), strict
+all-or-none weight loads, tied heads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actors.hf_engine import HFEngine
+from actors.weights_io import named_tensors, state_dict_arrays
+from bus.messages import SamplingSpec
+from bus.weights import WeightStore
+
+GREEDY = SamplingSpec(n=1, temperature=0.0, max_tokens=8)
+
+
+def token_lists(groups) -> list[list[int]]:
+    return [s.token_ids.tolist() for g in groups for s in g]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, actor_cfg):
+    torch.set_num_threads(1)
+    return HFEngine(str(tiny_model), actor_cfg)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.3), (0.6, 0.05)])
+def test_logprobs_are_the_processed_distribution(engine, prompts, temperature, top_p, reference_logprobs):
+    spec = SamplingSpec(n=3, temperature=temperature, top_p=top_p, max_tokens=10, seed=9)
+    groups = engine.generate(prompts, spec)
+    for p, g in zip(prompts, groups):
+        for s in g:
+            ref_at = reference_logprobs(engine.model, p, s.token_ids, temperature, top_p)
+            assert np.all(np.isfinite(ref_at))  # every sampled token lies inside the nucleus
+            np.testing.assert_allclose(s.logprobs, ref_at, atol=1e-4)
+
+
+def test_greedy_is_argmax(engine, prompts, reference_logprobs):
+    for p, g in zip(prompts, engine.generate(prompts, GREEDY)):
+        logits = reference_logprobs(engine.model, p, g[0].token_ids, 1.0, 1.0, full=True)
+        assert g[0].token_ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_seed_leaves_global_rng_alone(engine, prompts):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    engine.generate(prompts[:1], SamplingSpec(n=2, temperature=1.0, max_tokens=4, seed=1))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_load_weights_strict_all_or_none(engine, prompts, tiny_model, sharp_model):
+    before = engine.generate(prompts, GREEDY)
+    model = sharp_model(tiny_model, seed=4)
+    arrays = state_dict_arrays(model, "float32")
+    bad = [(n, a[:2] if n.endswith("down_proj.weight") else a) for n, a in arrays]
+    with pytest.raises(ValueError, match="shape"):
+        engine.load_weights(named_tensors(WeightStore.from_arrays(1, bad)), 1)
+    with pytest.raises(ValueError, match="missing"):
+        engine.load_weights(named_tensors(WeightStore.from_arrays(1, arrays[3:])), 1)
+    with pytest.raises(ValueError, match="unknown"):
+        extra = arrays + [("extra.weight", arrays[0][1])]
+        engine.load_weights(named_tensors(WeightStore.from_arrays(1, extra)), 1)
+    assert engine.version == -1
+    after_bad = engine.generate(prompts, GREEDY)
+    assert token_lists(after_bad) == token_lists(before)
+
+    no_head = [(n, a) for n, a in arrays if n != "lm_head.weight"]
+    m = engine.load_weights(named_tensors(WeightStore.from_arrays(7, no_head)), 7)
+    assert engine.version == 7 and m["weights/load_s"] >= 0
+    sd = engine.model.state_dict()
+    torch.testing.assert_close(sd["lm_head.weight"], model.lm_head.weight, rtol=0, atol=0)
+    up = "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(sd[up], model.model.layers[1].mlp.up_proj.weight, rtol=0, atol=0)
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight  # still tied
+
+
+def test_folder_generation_config_does_not_shape_sampling(tiny_model, actor_cfg, prompts, reference_logprobs,
+                                                          tmp_path):
+    """A folder asking for top_k=5 and repetition_penalty=1.5 (Qwen ships top_k=20, 1.05) must not
+    change the lease's distribution: log-probs stay the plain tempered ones, greedy stays argmax."""
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen.update(top_k=5, repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=3)
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    eng = HFEngine(str(folder), actor_cfg)
+    for p, g in zip(prompts, eng.generate(prompts, SamplingSpec(n=2, temperature=0.8, max_tokens=8, seed=2))):
+        for s in g:
+            ref = reference_logprobs(eng.model, p, s.token_ids, 0.8, 1.0)
+            np.testing.assert_allclose(s.logprobs, ref, atol=1e-4)
+    for p, g in zip(prompts, eng.generate(prompts, GREEDY)):
+        table = reference_logprobs(eng.model, p, g[0].token_ids, 1.0, 1.0, full=True)
+        assert g[0].token_ids.tolist() == table.argmax(-1).tolist()
