@@ -1,0 +1,99 @@
+"""CurveZMQ on the bus (DESIGN §3 Security): encryption plus an allow-list of client keys.
+
+Keys are zmq's certificate files (``zmq.auth.create_certificates``): ``NAME.key`` holds the public
+key, ``NAME.key_secret`` both. The server side (``apply_server``) loads its secret key, makes the
+socket a CURVE server and starts a ZAP handler (``zmq.auth.thread.ThreadAuthenticator``, one per
+zmq context) that accepts exactly the public keys found in ``allowed_clients_dir``; any other key
+fails the handshake, so an unknown client never gets an answer. The client side (``apply_client``)
+loads its own key pair and pins the server's public key.
+
+Directory layout made by ``make_layout`` (what ``or1 keys`` and ``BusConfig.curve_dir`` use):
+``DIR/server.key[_secret]`` for the learner, ``DIR/clients/NAME.key[_secret]`` per client, so
+``DIR/clients`` is also the server's allow-list (it only reads the public ``.key`` files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+SERVER_NAME = "server"
+CLIENTS_DIR = "clients"
+
+
+def make_keys(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """Create ``NAME.key`` and ``NAME.key_secret`` in `directory`; returns (public, secret) paths."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    return Path(public), Path(secret)
+
+
+def make_layout(directory: str | Path, clients: list[str]) -> None:
+    """Keys for a learner and the named clients, in the layout ``CurveConfig.server_from_dir`` reads."""
+    make_keys(directory, SERVER_NAME)
+    for name in clients:
+        make_keys(Path(directory) / CLIENTS_DIR, name)
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """Server side: `secret_key_file` + `allowed_clients_dir`. Client side: `secret_key_file` (its own
+    key pair) + `server_public_key_file`."""
+
+    secret_key_file: str
+    allowed_clients_dir: str | None = None
+    server_public_key_file: str | None = None
+
+    @classmethod
+    def server(cls, secret_key_file: str | Path, allowed_clients_dir: str | Path) -> "CurveConfig":
+        return cls(str(secret_key_file), allowed_clients_dir=str(allowed_clients_dir))
+
+    @classmethod
+    def client(cls, secret_key_file: str | Path, server_public_key_file: str | Path) -> "CurveConfig":
+        return cls(str(secret_key_file), server_public_key_file=str(server_public_key_file))
+
+    @classmethod
+    def server_from_dir(cls, directory: str | Path) -> "CurveConfig":
+        d = Path(directory)
+        return cls.server(d / f"{SERVER_NAME}.key_secret", d / CLIENTS_DIR)
+
+    @classmethod
+    def client_from_dir(cls, directory: str | Path, name: str) -> "CurveConfig":
+        d = Path(directory)
+        return cls.client(d / CLIENTS_DIR / f"{name}.key_secret", d / f"{SERVER_NAME}.key")
+
+
+def apply_server(socket: zmq.Socket, cfg: CurveConfig, ctx: zmq.Context) -> ThreadAuthenticator:
+    """Make `socket` a CURVE server allowing only `cfg.allowed_clients_dir`; call before bind.
+    Returns the running authenticator (stop it when the socket's context ends)."""
+    if cfg.allowed_clients_dir is None:
+        raise ValueError("a CURVE server needs allowed_clients_dir")
+    if not Path(cfg.allowed_clients_dir).is_dir():
+        raise FileNotFoundError(f"allowed clients directory {cfg.allowed_clients_dir} does not exist")
+    public, secret = zmq.auth.load_certificate(cfg.secret_key_file)
+    if secret is None:
+        raise ValueError(f"{cfg.secret_key_file} holds no secret key")
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(cfg.allowed_clients_dir))
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_server = True
+    return auth
+
+
+def apply_client(socket: zmq.Socket, cfg: CurveConfig) -> None:
+    """Give `socket` its key pair and pin the server's public key; call before connect."""
+    if cfg.server_public_key_file is None:
+        raise ValueError("a CURVE client needs server_public_key_file")
+    public, secret = zmq.auth.load_certificate(cfg.secret_key_file)
+    if secret is None:
+        raise ValueError(f"{cfg.secret_key_file} holds no secret key")
+    server_public, _ = zmq.auth.load_certificate(cfg.server_public_key_file)
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_serverkey = server_public

@@ -1,0 +1,403 @@
+"""Wire codec: a message is ``[header, *buffers]``, a msgpack header plus raw array frames.
+
+Encoding (``encode``): the message's dataclass fields are walked recursively — nested dataclasses
+become maps, lists/tuples lists, dicts maps, numpy scalars Python numbers. A numpy array becomes
+``{"__nd__": i, "dtype": name, "shape": [...]}`` where ``i`` is the index of the raw frame (1 = the
+first frame after the header) holding its C-contiguous bytes; an array under INLINE_ARRAY_BYTES
+goes inline instead, with its bytes as msgpack bin in ``"__nd__"`` (a frame per tiny array costs
+more than the copy). The header is ``{"v": PROTOCOL_VERSION, "type": TYPE, "rid": rid, **fields}``.
+Raw frames are the arrays' own buffers, so the caller sends them with ``copy=False``.
+
+bfloat16: numpy has no bf16, so a bf16 tensor travels as its uint16 bit pattern tagged
+``"bfloat16"``; on decode it comes back as a ``BFloat16Array`` (a uint16 ndarray subclass) so the tag
+round-trips and the consumer reinterprets (``torch.from_numpy(a).view(torch.bfloat16)``).
+
+Decoding (``decode``) trusts nothing. In order: frame count ≤ MAX_FRAMES, total bytes ≤ max_bytes,
+header ≤ MAX_HEADER_BYTES, msgpack parses to a map, ``v`` == PROTOCOL_VERSION, ``type`` known,
+``rid`` a non-negative int; then every field of the dataclass: no unknown keys, required ones
+present, each value checked against its annotation (``typing.get_type_hints``, recursing into nested
+dataclasses, ``list[X]``, ``dict[str, X]``, ``X | None``; an int is never a bool; a float accepts an
+int). Arrays: dtype in ALLOWED_DTYPES, element count ≤ MAX_ARRAY_ELEMENTS, shape × itemsize ==
+the frame's length, every raw frame referenced exactly once. Arrays are built with
+``np.frombuffer`` on the received frame's buffer: read-only views, no copy. Any violation raises
+``ProtocolError`` with a short reason — never another exception type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Callable, Sequence, Union
+
+import msgpack
+import numpy as np
+
+from bus.messages import (
+    ALLOWED_DTYPES,
+    INLINE_ARRAY_BYTES,
+    MAX_ARRAY_ELEMENTS,
+    MAX_FRAMES,
+    MAX_HEADER_BYTES,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    Message,
+    ProtocolError,
+)
+
+try:  # pyzmq is always installed with the bus, but the codec itself only needs a buffer.
+    from zmq import Frame as _ZmqFrame
+except ImportError:  # pragma: no cover
+    _ZmqFrame = None  # type: ignore[assignment,misc]
+
+_RESERVED = ("v", "type", "rid")
+_MAX_NDIM = 32
+_MAX_RID = (1 << 64) - 1
+
+
+class BFloat16Array(np.ndarray):
+    """A uint16 array holding bfloat16 bit patterns; encodes with dtype tag "bfloat16"."""
+
+
+def as_bfloat16(bits: np.ndarray) -> BFloat16Array:
+    """View a uint16 array (bf16 bit patterns, e.g. ``t.view(torch.uint16).numpy()``) as bf16."""
+    if bits.dtype != np.uint16:
+        raise ValueError(f"bfloat16 bits must be uint16, got {bits.dtype}")
+    return bits.view(BFloat16Array)
+
+
+def dtype_name(arr: np.ndarray) -> str:
+    """The wire dtype tag of an array ("bfloat16" for BFloat16Array / ml_dtypes bf16); numpy's own
+    name for dtypes off the wire list (the caller rejects those)."""
+    if type(arr) is BFloat16Array:
+        return "bfloat16"
+    name = _NAMES.get(arr.dtype)  # a dict hit: dtype.name is slow Python code in numpy
+    return name if name is not None else arr.dtype.name
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype a wire tag is stored as (bfloat16 → uint16)."""
+    return np.dtype(np.uint16) if name == "bfloat16" else np.dtype(name)
+
+
+_DTYPES = {name: numpy_dtype(name) for name in ALLOWED_DTYPES}
+_ITEMSIZE = {name: dt.itemsize for name, dt in _DTYPES.items()}
+_NAMES = {dt: name for name, dt in _DTYPES.items() if name != "bfloat16"}
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+# --- encode ----------------------------------------------------------------------------------
+
+
+def encode(msg: Message, rid: int = 0) -> list[Any]:
+    """Frames of `msg`: ``[header bytes, *array buffers]``; send them with ``copy=False``."""
+    frames: list[Any] = [b""]
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.TYPE, "rid": rid}
+    for name in _field_names(type(msg)):
+        header[name] = _walk(getattr(msg, name), frames)
+    frames[0] = msgpack.packb(header, use_bin_type=True, default=_default)
+    return frames
+
+
+_SCALARS = (str, int, float, bool, bytes, type(None))
+
+
+def _walk(value: Any, frames: list[Any]) -> Any:
+    if type(value) in _SCALARS:
+        return value
+    if isinstance(value, np.ndarray):
+        return _encode_array(value, frames)
+    if hasattr(type(value), "__dataclass_fields__"):
+        return {name: _walk(getattr(value, name), frames) for name in _field_names(type(value))}
+    if isinstance(value, (list, tuple)):
+        return [_walk(v, frames) for v in value]
+    if isinstance(value, dict):
+        return {k: _walk(v, frames) for k, v in value.items()}
+    return value  # numpy scalars etc. go through msgpack's `default`
+
+
+def _encode_array(arr: np.ndarray, frames: list[Any]) -> dict[str, Any]:
+    name = dtype_name(arr)
+    if name not in _ITEMSIZE:
+        raise ValueError(f"array dtype {name} is not allowed on the wire")
+    if arr.nbytes < INLINE_ARRAY_BYTES:
+        return {"__nd__": arr.tobytes(), "dtype": name, "shape": list(arr.shape)}
+    frames.append(arr.reshape(-1))  # a view when C-contiguous (the usual case), else one copy
+    return {"__nd__": len(frames) - 1, "dtype": name, "shape": list(arr.shape)}
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
+
+
+# --- decode ----------------------------------------------------------------------------------
+
+
+class _Ctx:
+    """Frames of the message being decoded and which of them an array has claimed."""
+
+    __slots__ = ("buffers", "used")
+
+    def __init__(self, buffers: list[memoryview]):
+        self.buffers = buffers
+        self.used = [False] * len(buffers)
+
+
+def _buffer(frame: Any) -> memoryview:
+    """A read-only byte view (zmq frames expose writable buffers; receivers must not scribble)."""
+    view = frame.buffer if _ZmqFrame is not None and isinstance(frame, _ZmqFrame) else memoryview(frame)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    return view.toreadonly()
+
+
+def decode(frames: Sequence[Any], *, max_bytes: int) -> tuple[Message, int]:
+    """Decode and validate ``[header, *buffers]`` into (message, rid); ProtocolError if invalid."""
+    try:
+        return _decode(frames, max_bytes)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError("nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 — the contract is "only ProtocolError escapes"
+        raise ProtocolError(f"undecodable: {type(e).__name__}: {e}"[:200]) from None
+
+
+def _decode(frames: Sequence[Any], max_bytes: int) -> tuple[Message, int]:
+    if not frames:
+        raise ProtocolError("empty message")
+    if len(frames) > MAX_FRAMES + 1:
+        raise ProtocolError(f"{len(frames)} frames > {MAX_FRAMES + 1}")
+    bufs = [_buffer(f) for f in frames]
+    total = sum(b.nbytes for b in bufs)
+    if total > max_bytes:
+        raise ProtocolError(f"message of {total} bytes > {max_bytes}")
+    if bufs[0].nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {bufs[0].nbytes} bytes > {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(bufs[0], raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # noqa: BLE001 — msgpack raises a zoo of types
+        raise ProtocolError(f"header is not msgpack: {type(e).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    if header.get("v") != PROTOCOL_VERSION or type(header.get("v")) is not int:
+        raise ProtocolError(f"protocol version {header.get('v')!r} != {PROTOCOL_VERSION}")
+    mtype = header.get("type")
+    cls = MESSAGE_TYPES.get(mtype) if isinstance(mtype, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {mtype!r}")
+    rid = header.get("rid")
+    if type(rid) is not int or not 0 <= rid <= _MAX_RID:
+        raise ProtocolError(f"bad rid {rid!r}")
+    ctx = _Ctx(bufs[1:])
+    fields = {k: v for k, v in header.items() if k not in _RESERVED}
+    msg = _checker(cls)(fields, ctx)
+    if not all(ctx.used):
+        raise ProtocolError(f"{ctx.used.count(False)} unreferenced frame(s)")
+    return msg, rid
+
+
+Checker = Callable[[Any, _Ctx], Any]
+_CHECKERS: dict[Any, Checker] = {}
+
+
+def _checker(tp: Any) -> Checker:
+    """A function validating (and converting) a decoded msgpack value of annotation `tp`; cached."""
+    try:
+        return _CHECKERS[tp]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable annotation: build without caching
+        return _build(tp)
+    chk = _build(tp)
+    _CHECKERS[tp] = chk
+    return chk
+
+
+def _build(tp: Any) -> Checker:
+    if tp is Any:
+        return _check_any
+    if tp is np.ndarray:
+        return _check_array
+    if tp is type(None):
+        return _expect(lambda v: v is None, "null")
+    if tp is bool:
+        return _expect(lambda v: v is True or v is False, "bool")
+    if tp is int:
+        return _expect(lambda v: type(v) is int, "int")
+    if tp is float:
+        return _check_float
+    if tp is str:
+        return _expect(lambda v: type(v) is str, "str")
+    if tp is bytes:
+        return _expect(lambda v: type(v) is bytes, "bytes")
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list:
+        return _build_list(_checker(args[0]) if args else _check_any)
+    if origin is dict:
+        if args and args[0] is not str:
+            raise TypeError(f"only dict[str, X] is supported, not {tp}")
+        return _build_dict(_checker(args[1]) if args else _check_any)
+    if origin is Union or origin is types.UnionType:
+        return _build_union([_checker(a) for a in args if a is not type(None)], type(None) in args)
+    raise TypeError(f"annotation {tp!r} is not supported by the codec")
+
+
+def _expect(pred: Callable[[Any], bool], what: str) -> Checker:
+    def check(v: Any, ctx: _Ctx) -> Any:
+        if not pred(v):
+            raise ProtocolError(f"expected {what}, got {type(v).__name__}")
+        return v
+
+    return check
+
+
+def _check_float(v: Any, ctx: _Ctx) -> float:
+    if type(v) is float:
+        return v
+    if type(v) is int:
+        return float(v)
+    raise ProtocolError(f"expected float, got {type(v).__name__}")
+
+
+def _build_list(item: Checker) -> Checker:
+    def check(v: Any, ctx: _Ctx) -> list[Any]:
+        if type(v) is not list:
+            raise ProtocolError(f"expected list, got {type(v).__name__}")
+        out = []
+        for i, x in enumerate(v):
+            try:
+                out.append(item(x, ctx))
+            except ProtocolError as e:
+                raise ProtocolError(f"[{i}]: {e}") from None
+        return out
+
+    return check
+
+
+def _build_dict(value: Checker) -> Checker:
+    def check(v: Any, ctx: _Ctx) -> dict[str, Any]:
+        if type(v) is not dict:
+            raise ProtocolError(f"expected map, got {type(v).__name__}")
+        out = {}
+        for k, x in v.items():
+            if type(k) is not str:
+                raise ProtocolError(f"map key {k!r} is not a string")
+            try:
+                out[k] = value(x, ctx)
+            except ProtocolError as e:
+                raise ProtocolError(f"[{k!r}]: {e}") from None
+        return out
+
+    return check
+
+
+def _build_union(arms: list[Checker], nullable: bool) -> Checker:
+    def check(v: Any, ctx: _Ctx) -> Any:
+        if v is None:
+            if nullable:
+                return None
+            raise ProtocolError("expected a value, got null")
+        errors = []
+        for arm in arms:
+            try:
+                return arm(v, ctx)
+            except ProtocolError as e:
+                errors.append(str(e))
+        raise ProtocolError(" | ".join(errors) or "no union arm matched")
+
+    return check
+
+
+def _build_dataclass(cls: type) -> Checker:
+    hints = typing.get_type_hints(cls)
+    spec = []
+    for f in dataclasses.fields(cls):
+        if f.name in _RESERVED:
+            raise TypeError(f"{cls.__name__}.{f.name} collides with a header key")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        spec.append((f.name, _checker(hints[f.name]), required))
+    names = frozenset(name for name, _, _ in spec)
+
+    def check(v: Any, ctx: _Ctx) -> Any:
+        if type(v) is not dict:
+            raise ProtocolError(f"expected {cls.__name__} map, got {type(v).__name__}")
+        if not names.issuperset(v):
+            extra = next(k for k in v if k not in names)
+            raise ProtocolError(f"{cls.__name__}: unknown field {str(extra)[:40]!r}")
+        kwargs = {}
+        for name, chk, required in spec:
+            if name not in v:
+                if required:
+                    raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
+                continue
+            try:
+                kwargs[name] = chk(v[name], ctx)
+            except ProtocolError as e:
+                raise ProtocolError(f"{cls.__name__}.{name}: {e}") from None
+        return cls(**kwargs)
+
+    return check
+
+
+def _check_array(v: Any, ctx: _Ctx) -> np.ndarray:
+    if type(v) is not dict or len(v) != 3 or "__nd__" not in v or "dtype" not in v or "shape" not in v:
+        raise ProtocolError("expected an array reference {__nd__, dtype, shape}")
+    name, shape, ref = v["dtype"], v["shape"], v["__nd__"]
+    itemsize = _ITEMSIZE.get(name) if type(name) is str else None
+    if itemsize is None:
+        raise ProtocolError(f"dtype {str(name)[:40]!r} not allowed")
+    if type(shape) is not list or len(shape) > _MAX_NDIM:
+        raise ProtocolError("bad array shape")
+    count = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise ProtocolError("bad array shape")
+        count *= d
+    if count > MAX_ARRAY_ELEMENTS:
+        raise ProtocolError(f"array of {count} elements > {MAX_ARRAY_ELEMENTS}")
+    if type(ref) is int:
+        if not 1 <= ref <= len(ctx.buffers):
+            raise ProtocolError(f"array frame {ref} does not exist")
+        if ctx.used[ref - 1]:
+            raise ProtocolError(f"array frame {ref} referenced twice")
+        ctx.used[ref - 1] = True
+        buf: Any = ctx.buffers[ref - 1]
+        size = buf.nbytes
+    elif type(ref) is bytes:
+        buf, size = ref, len(ref)
+    else:
+        raise ProtocolError("array __nd__ must be a frame index or bytes")
+    if count * itemsize != size:
+        raise ProtocolError(f"array {shape} {name} needs {count * itemsize} bytes, frame has {size}")
+    arr = np.frombuffer(buf, dtype=_DTYPES[name])  # read-only: the buffers are read-only views
+    if len(shape) != 1:
+        arr = arr.reshape(shape)
+    return arr.view(BFloat16Array) if name == "bfloat16" else arr
+
+
+def _check_any(v: Any, ctx: _Ctx) -> Any:
+    """A free-form value (``Any`` fields such as Set.value): plain msgpack data, arrays allowed."""
+    if v is None or type(v) in (bool, int, float, str, bytes):
+        return v
+    if type(v) is list:
+        return [_check_any(x, ctx) for x in v]
+    if type(v) is dict:
+        if "__nd__" in v:
+            return _check_array(v, ctx)
+        if not all(type(k) is str for k in v):
+            raise ProtocolError("map keys must be strings")
+        return {k: _check_any(x, ctx) for k, x in v.items()}
+    raise ProtocolError(f"value of type {type(v).__name__} not allowed")
+
