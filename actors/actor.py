@@ -81,9 +81,12 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
+    from bus.auth import client_curve, server_curve
     from bus.weights import WeightServer
 
-    relay = WeightServer(a.relay_bind, max_message_bytes=cfg.bus.max_message_bytes) if a.relay_bind else None
+    curve = client_curve(cfg.bus.curve_dir, ROLE_ACTOR)
+    relay = WeightServer(a.relay_bind, max_message_bytes=cfg.bus.max_message_bytes,
+                         curve=server_curve(cfg.bus.curve_dir)) if a.relay_bind else None
     relay_ep = relay_advertise(relay.endpoint if relay else "", a.relay_advertise)
     stats = ActorStats()
     held = {"version": -1}
@@ -97,7 +100,7 @@ def run(cfg: Config, log_format: str = "auto") -> int:
         return stats.as_metrics(held["version"], sync_box[0].stats) if sync_box else {}
 
     client = Client(a.learner, hello, heartbeat_s=cfg.bus.heartbeat_s, liveness=cfg.bus.liveness,
-                    stats=heartbeat_stats, max_message_bytes=cfg.bus.max_message_bytes)
+                    stats=heartbeat_stats, max_message_bytes=cfg.bus.max_message_bytes, curve=curve)
     log.info("actor.connecting", learner=a.learner)
     welcome = client.connect(timeout=None)
     model = a.model or welcome.model
@@ -108,7 +111,7 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     from actors.weights_io import named_tensors
 
     engine = make_engine(a.engine, model, a)
-    sync = WeightSync(client, cfg.bus, relay)
+    sync = WeightSync(client, cfg.bus, relay, curve=curve)
     sync_box.append(sync)
     sync.start()
 

@@ -39,8 +39,9 @@ class WeightSync:
     """Owns the pull thread. `ready()` hands the newest complete store to the run loop (once);
     `wait_for(version)` blocks until a store of at least that version is there."""
 
-    def __init__(self, client: Client, bus: BusConfig, relay: WeightServer | None = None):
+    def __init__(self, client: Client, bus: BusConfig, relay: WeightServer | None = None, curve=None):
         self.client = client
+        self.curve = curve
         self.bus = bus
         self.relay = relay
         self.held_version = -1  # version loaded into the engine (set by the run loop)
@@ -123,7 +124,7 @@ class WeightSync:
         partial = None
         if self.relay is not None:
             # Relay while receiving: children may ask for chunks we are still pulling.
-            partial = PartialStore(fetch_manifest(first[0], version, timeout=self.bus.chunk_timeout_s))
+            partial = PartialStore(fetch_manifest(first[0], version, timeout=self.bus.chunk_timeout_s, curve=self.curve))
             self.relay.publish_partial(partial)
         store, metrics = pull(
             lambda: first.pop() if first else self._source(version),
@@ -132,6 +133,7 @@ class WeightSync:
             chunk_timeout_s=self.bus.chunk_timeout_s,
             partial=partial,
             max_message_bytes=self.bus.max_message_bytes,
+            curve=self.curve,
         )
         if self.relay is not None:
             self.relay.publish(store)

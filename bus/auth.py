@@ -97,3 +97,15 @@ def apply_client(socket: zmq.Socket, cfg: CurveConfig) -> None:
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_serverkey = server_public
+
+
+def server_curve(curve_dir: str | None) -> CurveConfig | None:
+    """The learner's (and a relay's) CURVE server config from `bus.curve_dir`, or None (plaintext).
+    A relay serves with the learner's key pair, so pullers pin one server key whichever source
+    they are sent to: nodes started with --relay-bind need DIR/server.key_secret too."""
+    return CurveConfig.server_from_dir(curve_dir) if curve_dir else None
+
+
+def client_curve(curve_dir: str | None, name: str) -> CurveConfig | None:
+    """A client's CURVE config (its key pair DIR/clients/NAME.key_secret) from `bus.curve_dir`, or None."""
+    return CurveConfig.client_from_dir(curve_dir, name) if curve_dir else None

@@ -15,8 +15,10 @@ SETTABLE = {"max-staleness": "max_staleness", "max_staleness": "max_staleness"}
 
 def _client(endpoint: str, cfg: Config, admin_key: str = "") -> Client:
     wid = f"admin-{socket.gethostname()}-{time.time_ns() % 10**9}"
+    from bus.auth import client_curve
+
     c = Client(endpoint, lambda: Hello(role=ROLE_ADMIN, worker_id=wid, host=socket.gethostname(), admin_key=admin_key),
-               heartbeat_s=cfg.bus.heartbeat_s, liveness=cfg.bus.liveness)
+               heartbeat_s=cfg.bus.heartbeat_s, liveness=cfg.bus.liveness, curve=client_curve(cfg.bus.curve_dir, ROLE_ADMIN))
     c.connect(timeout=10.0)
     return c
 

@@ -166,15 +166,15 @@ def set_cmd(
 
 @app.command()
 def keys(
-    directory: str = typer.Argument(..., help="Where to write the key pairs."),
-    names: list[str] = typer.Option(["learner", "client"], "--name", help="Key pair names (repeatable)."),
+    directory: str = typer.Argument(..., help="Where to write the keys (then use --set bus.curve_dir=DIR on every node)."),
+    clients: list[str] = typer.Option(["actor", "reward", "admin"], "--client", help="Client key pairs to make (repeatable)."),
 ) -> None:
-    """Make CurveZMQ key pairs (public `NAME.key`, secret `NAME.key_secret`)."""
-    from bus.auth import make_keys
+    """Make CurveZMQ keys: DIR/server.key[_secret] for the learner (and relays), DIR/clients/NAME.key[_secret]
+    per client role; DIR/clients is the learner's allow-list (delete a client's .key to refuse it)."""
+    from bus.auth import make_layout
 
-    for name in names:
-        pub, sec = make_keys(directory, name)
-        typer.echo(f"{name}: {pub} {sec}")
+    make_layout(directory, clients)
+    typer.echo(f"keys in {directory}: server + {', '.join(clients)}; start every role with --set bus.curve_dir={directory}")
 
 
 @app.command()

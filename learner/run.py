@@ -81,6 +81,7 @@ def schedule_steps(cfg: Config) -> None:
 def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     from transformers import AutoTokenizer
 
+    from bus.auth import server_curve
     from bus.server import Server
     from bus.weights import WeightServer
     from common.data import load_problems, tokenize_prompts
@@ -112,13 +113,15 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
         log.info("resumed", checkpoint=str(latest), version=scheduler.version, epoch=epoch)
 
     host = lc.advertise_host or socket.gethostname()
-    weights = WeightServer(f"tcp://{lc.bind_host}:{lc.weights_port}", max_message_bytes=cfg.bus.max_message_bytes)
+    curve = server_curve(cfg.bus.curve_dir)
+    weights = WeightServer(f"tcp://{lc.bind_host}:{lc.weights_port}", max_message_bytes=cfg.bus.max_message_bytes,
+                           curve=curve)
     weights_ep = f"tcp://{host}:{weights.endpoint.rsplit(':', 1)[1]}"
     publish(group, weights, scheduler.version, cfg)
     run_id = state.get("run_id") or uuid.uuid4().hex[:12]
     service = LearnerService(cfg, scheduler, run_id=run_id, model=model_path, weights_endpoint=weights_ep)
     server = Server(f"tcp://{lc.bind_host}:{lc.control_port}", heartbeat_s=cfg.bus.heartbeat_s,
-                    liveness=cfg.bus.liveness, max_message_bytes=cfg.bus.max_message_bytes)
+                    liveness=cfg.bus.liveness, max_message_bytes=cfg.bus.max_message_bytes, curve=curve)
     service.attach(server)
     server.start()
     log.info("learner.serving", control=server.endpoint, weights=weights_ep, version=scheduler.version, epoch=epoch)

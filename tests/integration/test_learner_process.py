@@ -125,3 +125,44 @@ def test_status_and_set_on_live_learner(tmp_path, tiny_model_dir):
         actor.close()
         admin.close()
         assert stop(learner) == 0, (tmp_path / "learner.log").read_text()[-3000:]
+
+
+def test_curve_learner_refuses_unknown_key(tmp_path, tiny_model_dir):
+    """With bus.curve_dir set, an actor holding a listed key is welcomed; one with a key the learner
+    does not list never gets an answer; `or1 status` with the admin key works."""
+    from bus.auth import client_curve, make_keys, make_layout
+    from bus.weights import fetch_manifest
+    from procs import ROOT
+
+    keys = tmp_path / "keys"
+    make_layout(keys, ["actor", "admin"])
+    make_keys(tmp_path / "rogue", "actor")
+    cfg, path = make_config(tmp_path, tiny_model_dir)
+    cfg.bus.curve_dir = str(keys)
+    save_config(cfg, path)
+    ep = f"tcp://127.0.0.1:{cfg.learner.control_port}"
+    learner = or1("learner", "--config", str(path), "--log-format", "json", log=tmp_path / "learner.log")
+    good = Client(ep, lambda: Hello(role=ROLE_ACTOR, worker_id="good"), curve=client_curve(str(keys), "actor"))
+    from bus.auth import CurveConfig
+
+    rogue_cfg = CurveConfig.client(tmp_path / "rogue" / "actor.key_secret", keys / "server.key")
+    rogue = Client(ep, lambda: Hello(role=ROLE_ACTOR, worker_id="rogue"), curve=rogue_cfg)
+    try:
+        w = good.connect(timeout=180)
+        assert w.version == 0
+        src = good.request(WeightSource(version=0), timeout=10)
+        m = fetch_manifest(src.endpoint, 0, timeout=10, curve=client_curve(str(keys), "actor"))
+        assert m.version == 0 and m.total_bytes > 0
+        with pytest.raises(TimeoutError):
+            rogue.connect(timeout=5)
+        import subprocess
+        import sys
+
+        out = subprocess.run([sys.executable, "-m", "deploy.cli", "status", "--learner", ep, "--json", "--set",
+                              f"bus.curve_dir={keys}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1])["version"] == 0
+    finally:
+        good.close()
+        rogue.close(bye=None)
+        assert stop(learner) == 0, (tmp_path / "learner.log").read_text()[-3000:]
