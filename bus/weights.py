@@ -9,9 +9,9 @@ Checksums: CRC-32 per chunk (zlib's polynomial; computed with ISA-L where the `i
 installed, ~5x faster than zlib.crc32 and bit-identical, else with zlib). The whole-buffer crc32 is
 not a second pass over the bytes: it is ``crc32_combine`` of the chunk crcs (zlib's algorithm:
 crc(A‖B) = M_len(B)·crc(A) ⊕ crc(B) over GF(2), M_len the "append len zero bytes" operator, cached
-per length). A puller takes each chunk's
-crc on its own destination buffer after copying the frame in, so the combined value is exactly the
-crc32 of the buffer it will load, checked against the manifest's at the end.
+per length). A puller takes each chunk's crc on its own destination buffer after copying the frame
+in, so the combined value is exactly the crc32 of the buffer it will load, checked against the
+manifest's at the end.
 
 Serving (``WeightServer``): a ROUTER on its own thread answers GetManifest (version -1 = latest)
 and GetChunk from the stores it holds (the newest ``keep_versions``). A ``PartialStore`` — a relay
@@ -23,14 +23,14 @@ Pulling (``pull``): one DEALER, GetManifest, then GetChunk with at most ``window
 outstanding (zguide ch. 7 credit pipelining). A chunk failing its crc is requested again; a
 request unanswered for ``chunk_timeout_s`` (or an Error reply) abandons the source: a new socket to
 ``source_fn()``'s next endpoint (or the same one again) continues with the chunks still missing.
-More than ``max_retries`` such switches raises TimeoutError.
+More than ``max_retries`` such switches raises TimeoutError. Received frames are copied once into
+the destination (the partial's buffer) and checked there, on a verifier thread.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import itertools
 import queue
 import threading
 import time
@@ -81,7 +81,6 @@ if TYPE_CHECKING:
 
 log = get_logger(component="bus.weights")
 ALIGN = 64
-_ids = itertools.count()
 
 
 # --- crc32 combination ------------------------------------------------------------------------
@@ -515,20 +514,14 @@ class _SourceFailed(Exception):
 class _Verifier:
     """Copies received chunks into the PartialStore and checks their crc on its own thread (numpy's
     copy and the crc release the GIL), so the receiving thread keeps the pipe full meanwhile.
-    Results come back as ``index (8 bytes) + ok (1 byte)`` on an inproc PULL the puller polls."""
+    Results, ``(index, ok)``, queue up for the puller to collect when it next looks: no wake-up of
+    the receiving thread per chunk."""
 
-    def __init__(self, partial: PartialStore, ctx: zmq.Context):
+    def __init__(self, partial: PartialStore):
         self.partial = partial
-        self.busy: set[int] = set()
+        self.busy: set[int] = set()  # submitted, result not collected yet (puller thread only)
         self._jobs: "queue.SimpleQueue[tuple[int, Any] | None]" = queue.SimpleQueue()
-        addr = f"inproc://or1-verify-{next(_ids)}"
-        self.results = ctx.socket(zmq.PULL)
-        self.results.setsockopt(zmq.LINGER, 0)
-        self.results.bind(addr)
-        self._push = ctx.socket(zmq.PUSH)  # handed to the verifier thread at its start
-        self._push.setsockopt(zmq.LINGER, 0)
-        self._push.setsockopt(zmq.SNDHWM, 0)
-        self._push.connect(addr)
+        self._results: "queue.SimpleQueue[tuple[int, bool]]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="bus-verify", daemon=True)
         self._thread.start()
 
@@ -536,21 +529,32 @@ class _Verifier:
         self.busy.add(index)
         self._jobs.put((index, data))
 
-    def result(self) -> tuple[int, bool]:
-        raw = self.results.recv()
-        self.busy.discard(i := int.from_bytes(raw[:8], "little"))
-        return i, raw[8:] == b"\1"
+    def results(self, timeout: float | None = None) -> list[tuple[int, bool]]:
+        """Results ready now; with a timeout, wait that long for the first one."""
+        out = []
+        try:
+            if timeout is not None:
+                out.append(self._results.get(timeout=max(0.0, timeout)))
+            while True:
+                out.append(self._results.get_nowait())
+        except queue.Empty:
+            pass
+        for i, _ in out:
+            self.busy.discard(i)
+        return out
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            ok = self.partial.put(*job)
-            self._push.send(job[0].to_bytes(8, "little") + (b"\1" if ok else b"\0"))
-        self._push.close()
+            try:
+                ok = self.partial.put(*job)
+            except Exception:  # noqa: BLE001 — never leave the puller waiting: treat as a bad chunk
+                log.exception("chunk check failed", index=job[0])
+                ok = False
+            self._results.put((job[0], ok))
 
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
-        self.results.close()
 
 
 def pull(source: "str | Callable[[], str]", version: int, *, window: int = PULL_WINDOW,
@@ -575,7 +579,7 @@ def pull(source: "str | Callable[[], str]", version: int, *, window: int = PULL_
             try:
                 if partial is None:
                     partial = PartialStore(puller.manifest(version, chunk_timeout_s))
-                verifier = verifier or _Verifier(partial, ctx)
+                verifier = verifier or _Verifier(partial)
                 _pull_chunks(puller, verifier, window, chunk_timeout_s, on_chunk, stats, bad, max_retries)
                 break
             except (TimeoutError, LookupError, ProtocolError, ValueError, _SourceFailed) as e:
@@ -604,36 +608,33 @@ def _pull_chunks(puller: _Puller, verifier: _Verifier, window: int, timeout: flo
     partial = verifier.partial
     todo = deque(i for i in partial.missing() if i not in verifier.busy)
     outstanding: dict[int, float] = {}  # chunk index -> deadline
-    poller = zmq.Poller()
-    poller.register(puller.sock, zmq.POLLIN)
-    poller.register(verifier.results, zmq.POLLIN)
     while todo or outstanding or verifier.busy:
+        # block on the verifier only when nothing is on the wire and nothing more may be sent
+        stuck = not outstanding and (not todo or len(verifier.busy) >= window)
+        for i, ok in verifier.results(timeout if stuck else None):
+            if ok:
+                if on_chunk is not None:
+                    on_chunk(i)
+                continue
+            stats["weights/bad_chunks"] += 1
+            bad[i] = bad.get(i, 0) + 1
+            log.warning("bad chunk", endpoint=puller.endpoint, index=i, times=bad[i])
+            if bad[i] > max_retries:
+                raise _SourceFailed(f"chunk {i} failed its crc {bad[i]} times")
+            todo.appendleft(i)
         now = time.monotonic()
         while todo and len(outstanding) < window and len(verifier.busy) < window:
             i = todo.popleft()
             if not partial.has(i):
                 puller.send(GetChunk(partial.version, i))
                 outstanding[i] = now + timeout
-        wait = (min(outstanding.values()) - now) if outstanding else timeout
-        events = dict(poller.poll(max(0.0, wait) * 1000))
-        if verifier.results in events:
-            i, ok = verifier.result()
-            if ok:
-                if on_chunk is not None:
-                    on_chunk(i)
-            else:
-                stats["weights/bad_chunks"] += 1
-                bad[i] = bad.get(i, 0) + 1
-                log.warning("bad chunk", endpoint=puller.endpoint, index=i, times=bad[i])
-                if bad[i] > max_retries:
-                    raise _SourceFailed(f"chunk {i} failed its crc {bad[i]} times")
-                todo.appendleft(i)
-        if puller.sock in events:
-            reply = puller.recv(0)
-            if isinstance(reply, Error):
-                raise LookupError(f"{puller.endpoint}: {reply.code}: {reply.message}")
-            if isinstance(reply, Chunk) and reply.version == partial.version and reply.index in outstanding:
-                del outstanding[reply.index]
-                verifier.submit(reply.index, reply.data)
-        elif not events and outstanding and time.monotonic() >= min(outstanding.values()):
+        if not outstanding:
+            continue
+        reply = puller.recv(min(outstanding.values()) - now)
+        if reply is None:
             raise TimeoutError(f"{puller.endpoint}: chunk not answered within {timeout} s")
+        if isinstance(reply, Error):
+            raise LookupError(f"{puller.endpoint}: {reply.code}: {reply.message}")
+        if isinstance(reply, Chunk) and reply.version == partial.version and reply.index in outstanding:
+            del outstanding[reply.index]
+            verifier.submit(reply.index, reply.data)

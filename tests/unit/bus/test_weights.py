@@ -57,6 +57,13 @@ def test_crc32_combine_matches_zlib_on_random_splits() -> None:
     assert combine_chunks(crcs, 333, len(data)) == zlib.crc32(data)
 
 
+def test_fast_crc_is_zlibs_crc32() -> None:
+    from bus.weights import crc32
+
+    data = np.random.default_rng(3).integers(0, 256, (1 << 20) + 7, dtype=np.uint8)
+    assert crc32(data) == zlib.crc32(data) and crc32(data[5:], 77) == zlib.crc32(data[5:], 77)
+
+
 def test_store_layout_alignment_padding_and_checksums() -> None:
     a = np.arange(10, dtype=np.float32)
     b = np.arange(6, dtype=np.int64).reshape(2, 3)
