@@ -78,8 +78,18 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     worker_id = a.worker_id or default_worker_id("actor")
     setup_logging("actor", worker_id, log_format)
     stop = threading.Event()
+    generating = {"now": False}
+
+    def on_signal(*_) -> None:
+        # Leave at once: a generation may run for minutes, and its leases are worth more back in
+        # the queue (another actor takes them now) than finished here after the operator asked us to go.
+        stop.set()
+        if generating["now"]:
+            generating["now"] = False
+            raise Shutdown()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
 
     from bus.auth import client_curve, server_curve
     from bus.weights import WeightServer
@@ -134,6 +144,7 @@ def run(cfg: Config, log_format: str = "auto") -> int:
         log.info("weights.loaded", version=held["version"], load_s=round(stats.load_s, 3))
 
     held_leases: set[int] = set()
+    interrupted = False
     try:
         while not stop.is_set():
             store = sync.ready()
@@ -164,10 +175,17 @@ def run(cfg: Config, log_format: str = "auto") -> int:
                     held_leases.discard(lease.lease_id)
                     continue
                 load(store)
+            log.info("actor.generating", lease_id=lease.lease_id, groups=len(lease.prompts), version=held["version"])
+            generating["now"] = True
             groups = _generate(engine, lease, held["version"], stats)
+            generating["now"] = False
             _submit(client, lease, groups)
             held_leases.discard(lease.lease_id)
+    except Shutdown:
+        interrupted = True
+        log.info("actor.interrupted", leases=sorted(held_leases))
     finally:
+        generating["now"] = False
         if held_leases:
             client.send(Release(lease_ids=sorted(held_leases)))
             log.info("actor.released", leases=sorted(held_leases))
@@ -175,8 +193,13 @@ def run(cfg: Config, log_format: str = "auto") -> int:
         client.close(bye="shutdown")
         if relay is not None:
             relay.stop()
-        engine.close()
+        if not interrupted:
+            engine.close()  # an interrupted engine may be mid-step: the process exit frees it
     return 0
+
+
+class Shutdown(Exception):
+    """Raised by the signal handler inside a generation to leave it at once."""
 
 
 def _lease(client: Client, max_groups: int, version: int, stop: threading.Event) -> Lease | Wait | None:

@@ -40,5 +40,7 @@ def setup_logging(role: str, worker_id: str = "", fmt: LogFormat = "auto", level
     logging.basicConfig(level=max(lvl, logging.WARNING), stream=stream, format="%(levelname)s %(name)s: %(message)s")
 
 
-def get_logger(**bound: Any) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger().bind(**bound)
+def get_logger(**bound: Any) -> Any:
+    """A lazy logger: modules create theirs at import time, before `setup_logging` runs, and it
+    must still take the configuration set up later (structlog resolves the proxy on first use)."""
+    return structlog.get_logger(**bound)

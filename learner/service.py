@@ -152,6 +152,7 @@ class LearnerService:
         if version > self.published_version:
             return Error(ERR_NOT_FOUND, f"version {version} not published yet (latest {self.published_version})")
         endpoint, source_id = self.sources.choose(version, peer.worker_id, self._relays())
+        log.info("weights.source", peer=peer.worker_id, version=version, source=source_id, endpoint=endpoint)
         return WeightSource(version=version, endpoint=endpoint, source_id=source_id)
 
     def _relays(self) -> list[RelayView]:

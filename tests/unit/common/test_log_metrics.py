@@ -1,0 +1,44 @@
+import io
+import json
+
+from common.log import get_logger, setup_logging
+from common.metrics import JsonlSink, MultiSink, TensorBoardSink, read_jsonl
+
+
+def test_json_logs_are_bound_with_role_and_worker():
+    buf = io.StringIO()
+    setup_logging("actor", "a7", fmt="json", stream=buf)
+    get_logger(version=3).info("lease", lease_id=9)
+    rec = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert rec["event"] == "lease" and rec["role"] == "actor" and rec["worker_id"] == "a7"
+    assert rec["version"] == 3 and rec["lease_id"] == 9 and rec["level"] == "info"
+
+
+def test_console_format_is_not_json():
+    buf = io.StringIO()
+    setup_logging("learner", "rank0", fmt="console", stream=buf)
+    get_logger().warning("hello")
+    line = buf.getvalue().strip()
+    assert "hello" in line and not line.startswith("{")
+
+
+def test_jsonl_and_tensorboard_sinks(tmp_path):
+    sink = MultiSink(JsonlSink(tmp_path / "m.jsonl"), TensorBoardSink(tmp_path / "tb"))
+    sink.write(1, {"reward/mean": 0.5, "staleness/hist": [3, 1]})
+    sink.write(2, {"reward/mean": 0.75})
+    sink.close()
+    rows = read_jsonl(tmp_path / "m.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["staleness/hist"] == [3, 1]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+    with open(tmp_path / "m.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')  # a torn line of a live run
+    assert len(read_jsonl(tmp_path / "m.jsonl")) == 2
+
+
+def test_logger_made_before_setup_uses_the_later_setup():
+    early = get_logger(component="x")  # as a module-level `log = get_logger()` does at import
+    buf = io.StringIO()
+    setup_logging("reward", "r1", fmt="json", stream=buf)
+    early.info("scored", n=2)
+    rec = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert rec["event"] == "scored" and rec["component"] == "x" and rec["worker_id"] == "r1"
