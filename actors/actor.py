@@ -92,7 +92,7 @@ def run(cfg: Config, log_format: str = "auto") -> int:
         signal.signal(sig, on_signal)
 
     from bus.auth import client_curve, server_curve
-    from bus.weights import WeightServer
+    from bus.weight_server import WeightServer
 
     curve = client_curve(cfg.bus.curve_dir, ROLE_ACTOR)
     relay = WeightServer(a.relay_bind, max_message_bytes=cfg.bus.max_message_bytes,

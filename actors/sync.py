@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 from bus.client import Client, RemoteError
 from bus.messages import WeightSource
-from bus.weights import PartialStore, WeightServer, WeightStore, fetch_manifest, pull
+from bus.weight_pull import fetch_manifest, pull
+from bus.weight_server import WeightServer
+from bus.weights import PartialStore, WeightStore
 from common.config import BusConfig
 from common.log import get_logger
 

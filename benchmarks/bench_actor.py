@@ -132,7 +132,9 @@ def _puller(conn, source: str, relay: bool) -> None:  # a child process: one act
     import logging
 
     logging.disable(logging.WARNING)
-    from bus.weights import PartialStore, WeightServer, fetch_manifest, pull
+    from bus.weight_pull import fetch_manifest, pull
+    from bus.weight_server import WeightServer
+    from bus.weights import PartialStore
 
     server = partial = None
     if relay:
@@ -178,7 +180,8 @@ def bcast_round(learner_ep: str, pullers: int) -> float:
 
 
 def bench_broadcast(megabytes: int, rounds: int) -> dict[int, float]:
-    from bus.weights import WeightServer, WeightStore
+    from bus.weight_server import WeightServer
+    from bus.weights import WeightStore
 
     rng = np.random.default_rng(0)
     per_tensor = (megabytes << 20) // 4 // 16

@@ -10,22 +10,7 @@ generation. Whoever pumps a reply that belongs to another thread marks that wait
 writes a byte to a wake-up pipe the waiting callers also poll. User callables (``hello()``,
 ``stats()``, ``on_welcome``) run on the I/O thread and never under the lock.
 
-Session state machine:
-
-- *open*: a new DEALER connects and sends ``Hello(hello())`` (a callable, so a resent Hello carries
-  current state, e.g. the held weight version). Messages sent before the Welcome are held and
-  flushed after it.
-- *ready* (Welcome received): every ``heartbeat_s`` send ``Heartbeat(stats(), held version)``; the
-  server answers each with its version and η. The Welcome's heartbeat interval and liveness replace
-  ours so both ends agree on when a peer is dead. ``on_welcome`` fires on every Welcome (a new
-  epoch means the learner restarted).
-- ``Error(hello_first)`` (the server does not know us: it restarted): say Hello again at once; a
-  request answered so was not processed, so it is resent after the Welcome.
-- silence for ``liveness × heartbeat_s`` (nothing heard at all): close the socket, wait the backoff
-  (RECONNECT_MIN_S doubling to RECONNECT_MAX_S, reset by a Welcome), open a new one. Requests in
-  flight on the old socket have an unknown fate: they fail with TimeoutError at their deadline and
-  the caller decides whether to retry.
-- an Error answering the Hello itself (refused, e.g. a bad admin key) is final: ``connect`` raises it.
+The socket and the session state machine (hello, heartbeat, reconnect) are ``bus.session``.
 """
 
 from __future__ import annotations
@@ -36,35 +21,28 @@ import queue
 import select
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import zmq
 
-from bus.codec import decode, encode
+from bus.codec import encode
 from bus.messages import (
-    ERR_HELLO_FIRST,
     HEARTBEAT_S,
     LIVENESS,
     MAX_MESSAGE_BYTES,
-    RECONNECT_MAX_S,
-    RECONNECT_MIN_S,
-    Bye,
     Error,
     Heartbeat,
     Hello,
     Message,
-    ProtocolError,
     Welcome,
 )
-from bus.server import EVENTS, NOBLOCK, POLLIN, configure_socket, recv_frames, send_frames
+from bus.session import Session, drain_pipe, pipe, poke, wait_readable
 from common.log import get_logger
 
 if TYPE_CHECKING:
     from bus.auth import CurveConfig
 
 log = get_logger(component="bus.client")
-_BYE_LINGER_MS = 500  # the one place we linger: give a Bye a moment to leave so leases return at once
-_PUMP_BUDGET = 1024  # most messages handled per pump, so one flood cannot hold the lock forever
 _BUSY_POLL_S = 0.05  # the I/O thread's poll period while callers pump the socket themselves
 
 
@@ -85,34 +63,6 @@ class _Waiter:
         self.value: Message | None = None
         self.thread = threading.get_ident()
 
-
-def _pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    return r, w
-
-
-def _poke(fd: int) -> None:
-    try:
-        os.write(fd, b"x")
-    except (BlockingIOError, OSError):  # full means it is readable already; closed means we are done
-        pass
-
-
-def _drain_pipe(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, OSError):
-        pass
-
-
-def _wait_readable(fds: list[int], timeout: float) -> None:  # noqa: D103
-    try:
-        select.select(fds, [], [], max(0.0, timeout))
-    except (OSError, ValueError):  # a socket closed under us (reconnect): just go round again
-        time.sleep(0.001)
 
 
 class Client:
@@ -148,11 +98,11 @@ class Client:
         self._welcome_cbs: list[Callable[[Welcome], None]] = []
         self._welcomed = threading.Event()
         self._fatal: RemoteError | None = None
-        self._wake_r, self._wake_w = _pipe()  # wakes the I/O thread
-        self._dlv_r, self._dlv_w = _pipe()  # wakes callers whose reply another thread pumped
+        self._wake_r, self._wake_w = pipe()  # wakes the I/O thread
+        self._dlv_r, self._dlv_w = pipe()  # wakes callers whose reply another thread pumped
         self._fd_waiters = 0
         self._last_wait = 0.0  # when a caller last stopped waiting on the socket
-        self._s = _Session(self)
+        self._s = Session(self)
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -219,8 +169,8 @@ class Client:
             self._closed = True
             self._s.running = False
             self._s.shutdown_socket(bye)
-        _poke(self._wake_w)
-        _poke(self._dlv_w)
+        poke(self._wake_w)
+        poke(self._dlv_w)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         for fd in (self._wake_r, self._wake_w, self._dlv_r, self._dlv_w):
@@ -247,7 +197,7 @@ class Client:
                     ready = []
                     time.sleep(0.001)
                 if self._dlv_r in ready:
-                    _drain_pipe(self._dlv_r)
+                    drain_pipe(self._dlv_r)
                 if not waiter.done:
                     with self._lock:
                         self._s.pump()
@@ -266,8 +216,12 @@ class Client:
         waiter.value = msg
         waiter.done = True
         if waiter.thread != threading.get_ident():
-            _poke(self._dlv_w)  # it may be asleep in select on the socket we just drained
+            poke(self._dlv_w)  # it may be asleep in select on the socket we just drained
         return True
+
+    def _refused(self, error: Error) -> None:
+        """Under the lock: the server answered our Hello with `error`; ``connect`` raises it."""
+        self._fatal = RemoteError(error.code, error.message)
 
     # --- I/O thread --------------------------------------------------------------------------
 
@@ -298,8 +252,8 @@ class Client:
                     self._welcomed.set()
                 if s.need_hello and hello is None and time.monotonic() >= s.hello_retry_at:
                     continue  # build the Hello now, outside the lock
-                _wait_readable([self._wake_r] if fd is None else [self._wake_r, fd], timeout)
-                _drain_pipe(self._wake_r)
+                wait_readable([self._wake_r] if fd is None else [self._wake_r, fd], timeout)
+                drain_pipe(self._wake_r)
         except Exception:  # noqa: BLE001
             log.exception("client I/O thread failed", endpoint=self.endpoint)
         finally:
@@ -328,179 +282,3 @@ class Client:
                 fn(w)
             except Exception:  # noqa: BLE001
                 log.exception("on_welcome callback failed")
-
-
-class _Session:
-    """Socket and session state; every method runs under the client's lock."""
-
-    def __init__(self, client: Client):
-        self.c = client
-        self.sock: zmq.Socket | None = None
-        self.fd: int | None = None
-        self.running = True
-        self.ready = False
-        self.need_hello = True
-        self.hello_retry_at = 0.0
-        self.hello_rid = 0
-        self.hello_sent = 0.0
-        self.last_heard = time.monotonic()
-        self.next_hb = 0.0
-        self.backoff = RECONNECT_MIN_S
-        self.reopen_at: float | None = None
-        self.held: list[tuple[int, list[Any]]] = []  # (rid, frames) waiting for the session
-        self.inflight: dict[int, list[Any]] = {}  # rid -> frames, to resend after hello_first
-        self.welcomes: list[Welcome] = []  # for the I/O thread's on_welcome callbacks
-
-    def next_deadline(self) -> float:
-        if self.reopen_at is not None:
-            return self.reopen_at
-        due = self.last_heard + self.c.liveness * self.c.heartbeat_s
-        if self.ready:
-            due = min(due, self.next_hb)
-        if self.need_hello:
-            due = min(due, self.hello_retry_at)
-        return due
-
-    # --- socket lifecycle
-
-    def open(self) -> None:
-        c = self.c
-        sock = c._ctx.socket(zmq.DEALER)
-        configure_socket(sock, c.max_message_bytes)
-        if c._curve is not None:
-            from bus.auth import apply_client
-
-            apply_client(sock, c._curve)
-        sock.connect(c.endpoint)
-        self.sock, self.fd = sock, sock.getsockopt(zmq.FD)
-        self.reopen_at = None
-        self.last_heard = time.monotonic()
-
-    def shutdown_socket(self, bye: str | None) -> None:
-        if self.sock is None:
-            return
-        if bye is not None and self.ready:
-            self.raw_send(encode(Bye(reason=bye)))
-            self.sock.setsockopt(zmq.LINGER, _BYE_LINGER_MS)
-        self.sock.close()
-        self.sock = self.fd = None
-        self.ready = False
-        self.inflight.clear()  # their fate is unknown: the callers time out and decide
-
-    def raw_send(self, frames: list[Any]) -> bool:
-        if self.sock is None:
-            return False
-        try:
-            send_frames(self.sock, frames, NOBLOCK)
-            self.c.metrics["bus/messages_out"] += 1
-            return True
-        except zmq.ZMQError as e:  # EAGAIN: the server is not draining; the request times out
-            log.warning("send failed", error=str(e))
-            return False
-
-    def submit(self, rid: int, frames: list[Any]) -> None:
-        if not self.ready:
-            self.held.append((rid, frames))
-            return
-        if rid:
-            self.inflight[rid] = frames
-        self.raw_send(frames)
-
-    # --- timers (I/O thread)
-
-    def tick(self, now: float, hello: Hello | None, beat: Heartbeat | None) -> None:
-        if self.reopen_at is not None:
-            if now < self.reopen_at:
-                return
-            self.open()
-            self.need_hello = True
-        if self.sock is None:
-            self.open()
-        if self.need_hello and hello is not None:
-            self.need_hello = False
-            self.hello_rid = next(self.c._rids)
-            self.hello_sent = now
-            self.raw_send(encode(hello, self.hello_rid))
-        if now - self.last_heard > self.c.liveness * self.c.heartbeat_s:
-            log.warning("server silent, reconnecting", endpoint=self.c.endpoint, backoff_s=self.backoff)
-            self.shutdown_socket(None)
-            self.reopen_at = now + self.backoff
-            self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
-            return
-        if beat is not None and self.ready:
-            self.next_hb = now + self.c.heartbeat_s
-            self.raw_send(encode(beat))
-            self.inflight = {r: f for r, f in self.inflight.items() if r in self.c._pending}
-
-    # --- input (any thread)
-
-    def pump(self) -> None:
-        """Handle every message the socket holds now (ZMQ_FD is edge-triggered: read to empty)."""
-        for _ in range(_PUMP_BUDGET):
-            if self.sock is None or not self.sock.get(EVENTS) & POLLIN:
-                return
-            frames = recv_frames(self.sock, NOBLOCK)
-            self.last_heard = time.monotonic()
-            self.c.metrics["bus/messages_in"] += 1
-            try:
-                msg, rid = decode(frames, max_bytes=self.c.max_message_bytes)
-            except ProtocolError as e:
-                self.c.metrics["bus/bad_messages"] += 1
-                log.warning("bad message from server", reason=str(e))
-                continue
-            self.on_message(msg, rid)
-        _poke(self.c._wake_w)  # budget spent: let the I/O thread continue
-
-    def on_message(self, msg: Message, rid: int) -> None:
-        c = self.c
-        if isinstance(msg, Welcome):
-            self.on_welcome(msg)
-        elif isinstance(msg, Heartbeat):
-            if msg.version >= 0:
-                c.server_version = msg.version
-            if msg.max_staleness >= 0:
-                c.server_max_staleness = msg.max_staleness
-        elif isinstance(msg, Error) and msg.code == ERR_HELLO_FIRST:
-            if rid in self.inflight:
-                self.held.append((rid, self.inflight.pop(rid)))
-            if self.ready or (not self.need_hello and time.monotonic() - self.hello_sent > c.heartbeat_s):
-                log.info("server does not know us: saying Hello again", endpoint=c.endpoint)
-                self.ready, self.need_hello = False, True
-                _poke(c._wake_w)
-        elif isinstance(msg, Error) and rid == self.hello_rid:
-            c._fatal = RemoteError(msg.code, msg.message)
-            log.error("hello refused", code=msg.code, message=msg.message)
-            self.running = False
-            c._welcomed.set()
-            _poke(c._wake_w)
-        elif rid:
-            self.inflight.pop(rid, None)
-            c._deliver(rid, msg)  # False: a late reply to a request that timed out
-        elif isinstance(msg, Error):
-            c.metrics["bus/errors"] += 1
-            log.warning("server error", code=msg.code, message=msg.message)
-        else:
-            c._inbox.put(msg)
-
-    def on_welcome(self, w: Welcome) -> None:
-        c = self.c
-        if c.welcome is not None:
-            c.reconnects += 1
-            c.metrics["bus/reconnects"] = float(c.reconnects)
-        c.welcome = w
-        c.server_version = w.version
-        c.server_max_staleness = w.max_staleness
-        if w.heartbeat_s > 0:
-            c.heartbeat_s = w.heartbeat_s
-        if w.liveness > 0:
-            c.liveness = w.liveness
-        self.ready = True
-        self.need_hello = False
-        self.backoff = RECONNECT_MIN_S
-        self.next_hb = time.monotonic() + c.heartbeat_s
-        held, self.held = self.held, []
-        for rid, frames in held:
-            if rid == 0 or rid in c._pending:
-                self.submit(rid, frames)
-        self.welcomes.append(w)
-        _poke(c._wake_w)  # the I/O thread runs the callbacks, then releases connect()

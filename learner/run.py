@@ -83,7 +83,7 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
 
     from bus.auth import server_curve
     from bus.server import Server
-    from bus.weights import WeightServer
+    from bus.weight_server import WeightServer
     from common.data import load_problems, tokenize_prompts
     from common.metrics import JsonlSink, MultiSink, TensorBoardSink
     from learner import checkpoint as ckpt

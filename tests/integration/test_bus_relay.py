@@ -14,7 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from bus.weights import PartialStore, WeightServer, WeightStore, fetch_manifest, pull
+from bus.weight_pull import fetch_manifest, pull
+from bus.weight_server import WeightServer
+from bus.weights import PartialStore, WeightStore
 
 
 @pytest.mark.slow

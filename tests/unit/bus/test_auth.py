@@ -11,7 +11,9 @@ from bus import messages as M
 from bus.auth import CurveConfig, make_keys, make_layout
 from bus.client import Client
 from bus.server import Server
-from bus.weights import WeightServer, WeightStore, pull
+from bus.weight_pull import pull
+from bus.weight_server import WeightServer
+from bus.weights import WeightStore
 
 
 def hello(worker: str):

@@ -1,4 +1,5 @@
-"""bus.weights: store layout and checksums, partial stores, WeightServer + pull over tcp loopback."""
+"""bus.weights, bus.crc, bus.weight_server, bus.weight_pull: store layout and checksums, partial stores,
+WeightServer + pull over tcp loopback."""
 
 from __future__ import annotations
 
@@ -14,16 +15,10 @@ import zmq
 
 from bus import messages as M
 from bus.codec import as_bfloat16, decode, encode
-from bus.weights import (
-    PartialStore,
-    WeightServer,
-    WeightStore,
-    check_manifest,
-    combine_chunks,
-    crc32_combine,
-    fetch_manifest,
-    pull,
-)
+from bus.crc import combine_chunks, crc32_combine
+from bus.weight_pull import fetch_manifest, pull
+from bus.weight_server import WeightServer
+from bus.weights import PartialStore, WeightStore, check_manifest
 
 
 def make_store(version: int = 1, chunk_bytes: int = 64 << 10, mb: float = 1.0, seed: int = 0) -> WeightStore:
@@ -58,7 +53,7 @@ def test_crc32_combine_matches_zlib_on_random_splits() -> None:
 
 
 def test_fast_crc_is_zlibs_crc32() -> None:
-    from bus.weights import crc32
+    from bus.crc import crc32
 
     data = np.random.default_rng(3).integers(0, 256, (1 << 20) + 7, dtype=np.uint8)
     assert crc32(data) == zlib.crc32(data) and crc32(data[5:], 77) == zlib.crc32(data[5:], 77)

@@ -1,0 +1,266 @@
+"""The client's DEALER socket and session state machine (``Session``), and its wake-up pipes.
+
+Every ``Session`` method runs under the owning ``bus.client.Client``'s lock; the session reads and
+updates the client's shared state (pending waiters, inbox, metrics, server version) directly.
+``pump`` reads the socket to empty (ZMQ_FD is edge-triggered), at most ``_PUMP_BUDGET`` messages
+per call so one flood cannot hold the lock forever.
+
+Session state machine:
+
+- *open*: a new DEALER connects and sends ``Hello(hello())`` (a callable, so a resent Hello carries
+  current state, e.g. the held weight version). Messages sent before the Welcome are held and
+  flushed after it.
+- *ready* (Welcome received): every ``heartbeat_s`` send ``Heartbeat(stats(), held version)``; the
+  server answers each with its version and η. The Welcome's heartbeat interval and liveness replace
+  ours so both ends agree on when a peer is dead. ``on_welcome`` fires on every Welcome (a new
+  epoch means the learner restarted).
+- ``Error(hello_first)`` (the server does not know us: it restarted): say Hello again at once; a
+  request answered so was not processed, so it is resent after the Welcome.
+- silence for ``liveness × heartbeat_s`` (nothing heard at all): close the socket, wait the backoff
+  (RECONNECT_MIN_S doubling to RECONNECT_MAX_S, reset by a Welcome), open a new one. Requests in
+  flight on the old socket have an unknown fate: they fail with TimeoutError at their deadline and
+  the caller decides whether to retry.
+- an Error answering the Hello itself (refused, e.g. a bad admin key) is final: ``connect`` raises it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from bus.codec import decode, encode
+from bus.messages import (
+    ERR_HELLO_FIRST,
+    RECONNECT_MAX_S,
+    RECONNECT_MIN_S,
+    Bye,
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    ProtocolError,
+    Welcome,
+)
+from bus.server import EVENTS, NOBLOCK, POLLIN, configure_socket, recv_frames, send_frames
+from common.log import get_logger
+
+if TYPE_CHECKING:
+    from bus.client import Client
+
+log = get_logger(component="bus.client")  # the client's session: its lines stay under bus.client
+_BYE_LINGER_MS = 500  # the one place we linger: give a Bye a moment to leave so leases return at once
+_PUMP_BUDGET = 1024  # most messages handled per pump, so one flood cannot hold the lock forever
+
+
+def pipe() -> tuple[int, int]:
+    """A non-blocking wake-up pipe (read end, write end)."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
+def poke(fd: int) -> None:
+    """Wake whoever polls the read end of the pipe whose write end is `fd`."""
+    try:
+        os.write(fd, b"x")
+    except (BlockingIOError, OSError):  # full means it is readable already; closed means we are done
+        pass
+
+
+def drain_pipe(fd: int) -> None:
+    """Empty a wake-up pipe's read end."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def wait_readable(fds: list[int], timeout: float) -> None:
+    """Sleep until one of `fds` is readable or `timeout` s passed."""
+    try:
+        select.select(fds, [], [], max(0.0, timeout))
+    except (OSError, ValueError):  # a socket closed under us (reconnect): just go round again
+        time.sleep(0.001)
+
+
+
+class Session:
+    """Socket and session state; every method runs under the client's lock."""
+
+    def __init__(self, client: "Client"):
+        self.c = client
+        self.sock: zmq.Socket | None = None
+        self.fd: int | None = None
+        self.running = True
+        self.ready = False
+        self.need_hello = True
+        self.hello_retry_at = 0.0
+        self.hello_rid = 0
+        self.hello_sent = 0.0
+        self.last_heard = time.monotonic()
+        self.next_hb = 0.0
+        self.backoff = RECONNECT_MIN_S
+        self.reopen_at: float | None = None
+        self.held: list[tuple[int, list[Any]]] = []  # (rid, frames) waiting for the session
+        self.inflight: dict[int, list[Any]] = {}  # rid -> frames, to resend after hello_first
+        self.welcomes: list[Welcome] = []  # for the I/O thread's on_welcome callbacks
+
+    def next_deadline(self) -> float:
+        if self.reopen_at is not None:
+            return self.reopen_at
+        due = self.last_heard + self.c.liveness * self.c.heartbeat_s
+        if self.ready:
+            due = min(due, self.next_hb)
+        if self.need_hello:
+            due = min(due, self.hello_retry_at)
+        return due
+
+    # --- socket lifecycle
+
+    def open(self) -> None:
+        c = self.c
+        sock = c._ctx.socket(zmq.DEALER)
+        configure_socket(sock, c.max_message_bytes)
+        if c._curve is not None:
+            from bus.auth import apply_client
+
+            apply_client(sock, c._curve)
+        sock.connect(c.endpoint)
+        self.sock, self.fd = sock, sock.getsockopt(zmq.FD)
+        self.reopen_at = None
+        self.last_heard = time.monotonic()
+
+    def shutdown_socket(self, bye: str | None) -> None:
+        if self.sock is None:
+            return
+        if bye is not None and self.ready:
+            self.raw_send(encode(Bye(reason=bye)))
+            self.sock.setsockopt(zmq.LINGER, _BYE_LINGER_MS)
+        self.sock.close()
+        self.sock = self.fd = None
+        self.ready = False
+        self.inflight.clear()  # their fate is unknown: the callers time out and decide
+
+    def raw_send(self, frames: list[Any]) -> bool:
+        if self.sock is None:
+            return False
+        try:
+            send_frames(self.sock, frames, NOBLOCK)
+            self.c.metrics["bus/messages_out"] += 1
+            return True
+        except zmq.ZMQError as e:  # EAGAIN: the server is not draining; the request times out
+            log.warning("send failed", error=str(e))
+            return False
+
+    def submit(self, rid: int, frames: list[Any]) -> None:
+        if not self.ready:
+            self.held.append((rid, frames))
+            return
+        if rid:
+            self.inflight[rid] = frames
+        self.raw_send(frames)
+
+    # --- timers (I/O thread)
+
+    def tick(self, now: float, hello: Hello | None, beat: Heartbeat | None) -> None:
+        if self.reopen_at is not None:
+            if now < self.reopen_at:
+                return
+            self.open()
+            self.need_hello = True
+        if self.sock is None:
+            self.open()
+        if self.need_hello and hello is not None:
+            self.need_hello = False
+            self.hello_rid = next(self.c._rids)
+            self.hello_sent = now
+            self.raw_send(encode(hello, self.hello_rid))
+        if now - self.last_heard > self.c.liveness * self.c.heartbeat_s:
+            log.warning("server silent, reconnecting", endpoint=self.c.endpoint, backoff_s=self.backoff)
+            self.shutdown_socket(None)
+            self.reopen_at = now + self.backoff
+            self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
+            return
+        if beat is not None and self.ready:
+            self.next_hb = now + self.c.heartbeat_s
+            self.raw_send(encode(beat))
+            self.inflight = {r: f for r, f in self.inflight.items() if r in self.c._pending}
+
+    # --- input (any thread)
+
+    def pump(self) -> None:
+        """Handle every message the socket holds now (ZMQ_FD is edge-triggered: read to empty)."""
+        for _ in range(_PUMP_BUDGET):
+            if self.sock is None or not self.sock.get(EVENTS) & POLLIN:
+                return
+            frames = recv_frames(self.sock, NOBLOCK)
+            self.last_heard = time.monotonic()
+            self.c.metrics["bus/messages_in"] += 1
+            try:
+                msg, rid = decode(frames, max_bytes=self.c.max_message_bytes)
+            except ProtocolError as e:
+                self.c.metrics["bus/bad_messages"] += 1
+                log.warning("bad message from server", reason=str(e))
+                continue
+            self.on_message(msg, rid)
+        poke(self.c._wake_w)  # budget spent: let the I/O thread continue
+
+    def on_message(self, msg: Message, rid: int) -> None:
+        c = self.c
+        if isinstance(msg, Welcome):
+            self.on_welcome(msg)
+        elif isinstance(msg, Heartbeat):
+            if msg.version >= 0:
+                c.server_version = msg.version
+            if msg.max_staleness >= 0:
+                c.server_max_staleness = msg.max_staleness
+        elif isinstance(msg, Error) and msg.code == ERR_HELLO_FIRST:
+            if rid in self.inflight:
+                self.held.append((rid, self.inflight.pop(rid)))
+            if self.ready or (not self.need_hello and time.monotonic() - self.hello_sent > c.heartbeat_s):
+                log.info("server does not know us: saying Hello again", endpoint=c.endpoint)
+                self.ready, self.need_hello = False, True
+                poke(c._wake_w)
+        elif isinstance(msg, Error) and rid == self.hello_rid:
+            c._refused(msg)
+            log.error("hello refused", code=msg.code, message=msg.message)
+            self.running = False
+            c._welcomed.set()
+            poke(c._wake_w)
+        elif rid:
+            self.inflight.pop(rid, None)
+            c._deliver(rid, msg)  # False: a late reply to a request that timed out
+        elif isinstance(msg, Error):
+            c.metrics["bus/errors"] += 1
+            log.warning("server error", code=msg.code, message=msg.message)
+        else:
+            c._inbox.put(msg)
+
+    def on_welcome(self, w: Welcome) -> None:
+        c = self.c
+        if c.welcome is not None:
+            c.reconnects += 1
+            c.metrics["bus/reconnects"] = float(c.reconnects)
+        c.welcome = w
+        c.server_version = w.version
+        c.server_max_staleness = w.max_staleness
+        if w.heartbeat_s > 0:
+            c.heartbeat_s = w.heartbeat_s
+        if w.liveness > 0:
+            c.liveness = w.liveness
+        self.ready = True
+        self.need_hello = False
+        self.backoff = RECONNECT_MIN_S
+        self.next_hb = time.monotonic() + c.heartbeat_s
+        held, self.held = self.held, []
+        for rid, frames in held:
+            if rid == 0 or rid in c._pending:
+                self.submit(rid, frames)
+        self.welcomes.append(w)
+        poke(c._wake_w)  # the I/O thread runs the callbacks, then releases connect()

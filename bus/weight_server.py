@@ -1,0 +1,177 @@
+"""Serving weight versions: a ROUTER on its own thread answers GetManifest and GetChunk.
+
+``WeightServer`` answers GetManifest (version -1 = latest) and GetChunk from the stores it holds
+(the newest ``keep_versions``). A ``PartialStore`` — a relay still receiving — can be published
+too: a GetChunk for a chunk it lacks is parked and answered the moment ``put`` delivers it (the
+partial's listener wakes the server thread through its outbox), so a relay serves chunk i as soon
+as it has it. Dropping a version answers the requests parked on it with Error(not_found). Chunks
+leave as zero-copy frames of the store buffer.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zmq
+
+from bus.codec import decode, encode
+from bus.messages import (
+    ERR_BAD_MESSAGE,
+    ERR_NOT_FOUND,
+    MAX_MESSAGE_BYTES,
+    Chunk,
+    Error,
+    GetChunk,
+    GetManifest,
+    Message,
+    ProtocolError,
+)
+from bus.server import NOBLOCK, Outbox, bind_endpoint, bound_endpoint, configure_socket, recv_ready, send_frames
+from bus.weights import PartialStore, WeightStore
+from common.log import get_logger
+
+if TYPE_CHECKING:
+    from bus.auth import CurveConfig
+
+log = get_logger(component="bus.weights")  # one log component for the whole weight transfer
+
+
+class WeightServer:
+    """ROUTER answering GetManifest / GetChunk from the newest `keep_versions` stores (own thread)."""
+
+    def __init__(self, endpoint: str, *, curve: "CurveConfig | None" = None, keep_versions: int = 2,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, name: str = "weights"):
+        self.keep_versions = keep_versions
+        self.max_message_bytes = max_message_bytes
+        self.metrics: dict[str, float] = dict.fromkeys(
+            ("weights/chunks_served", "weights/bytes_served", "weights/manifests_served", "bus/bad_messages",
+             "bus/send_failed"), 0.0)
+        self._ctx = zmq.Context(io_threads=1)
+        self._auth = None
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        configure_socket(self._sock, max_message_bytes)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.SNDHWM, 0)  # pullers bound what is queued by their window
+        if curve is not None:
+            from bus.auth import apply_server
+
+            self._auth = apply_server(self._sock, curve, self._ctx)
+        self._sock.bind(bind_endpoint(endpoint))
+        self.endpoint = bound_endpoint(self._sock)
+        self._outbox = Outbox(self._ctx, name)
+        self._lock = threading.Lock()
+        self._stores: dict[int, WeightStore | PartialStore] = {}
+        self._parked: dict[tuple[int, int], list[tuple[bytes, int]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"bus-{name}", daemon=True)
+        self._thread.start()
+
+    def publish(self, store: "WeightStore | PartialStore") -> None:
+        """Serve `store` (thread-safe); versions beyond the newest `keep_versions` are dropped."""
+        with self._lock:
+            self._stores[store.version] = store
+            for v in sorted(self._stores)[:-self.keep_versions]:
+                del self._stores[v]
+        self._outbox.put([b"P"])  # lets the thread refuse requests parked on a dropped version
+
+    def publish_partial(self, partial: PartialStore) -> None:
+        """Serve a version still being received: chunk i is served as soon as `partial` has it."""
+        version = partial.version
+        partial.add_listener(lambda i: self._outbox.put([b"C", version.to_bytes(8, "little", signed=True),
+                                                         i.to_bytes(8, "little")]))
+        self.publish(partial)
+
+    def versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._stores)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._outbox.close()
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+
+    close = stop
+
+    def chunk_payload(self, store: "WeightStore | PartialStore", index: int) -> memoryview:
+        """The bytes sent for chunk `index` (a zero-copy view; a seam tests override to corrupt)."""
+        return store.chunk(index)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._outbox.pull, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                if self._sock in events and (frames := recv_ready(self._sock)):
+                    self._on_request(frames)
+                if self._outbox.pull in events and (frames := recv_ready(self._outbox.pull)):
+                    self._on_notice(frames)
+        except Exception:  # noqa: BLE001
+            log.exception("weight server loop failed")
+        finally:
+            self._sock.close(0)
+
+
+    def _send(self, identity: bytes, msg: Message, rid: int) -> None:
+        try:
+            send_frames(self._sock, [identity, *encode(msg, rid)], NOBLOCK)
+        except zmq.ZMQError:  # the puller went away
+            self.metrics["bus/send_failed"] += 1
+
+    def _on_request(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        try:
+            msg, rid = decode(frames[1:], max_bytes=self.max_message_bytes)
+        except ProtocolError as e:
+            self.metrics["bus/bad_messages"] += 1
+            self._send(identity, Error(ERR_BAD_MESSAGE, str(e)[:200]), 0)
+            return
+        with self._lock:
+            latest = max(self._stores) if self._stores else None
+            version = getattr(msg, "version", None)
+            if isinstance(msg, GetManifest) and version == -1:
+                version = latest
+            store = self._stores.get(version) if isinstance(version, int) else None
+        if not isinstance(msg, (GetManifest, GetChunk)):
+            self._send(identity, Error(ERR_BAD_MESSAGE, f"unexpected {msg.TYPE} on the weights port"), rid)
+        elif store is None:
+            self._send(identity, Error(ERR_NOT_FOUND, f"version {version} not held"), rid)
+        elif isinstance(msg, GetManifest):
+            self.metrics["weights/manifests_served"] += 1
+            self._send(identity, store.manifest, rid)
+        elif not 0 <= msg.index < store.n_chunks:
+            self._send(identity, Error(ERR_NOT_FOUND, f"chunk {msg.index} out of range"), rid)
+        elif isinstance(store, PartialStore) and not store.has(msg.index):
+            self._parked.setdefault((store.version, msg.index), []).append((identity, rid))
+        else:
+            self._serve(identity, store, msg.index, rid)
+
+    def _serve(self, identity: bytes, store: "WeightStore | PartialStore", index: int, rid: int) -> None:
+        data = np.frombuffer(self.chunk_payload(store, index), dtype=np.uint8)
+        self._send(identity, Chunk(store.version, index, data), rid)
+        self.metrics["weights/chunks_served"] += 1
+        self.metrics["weights/bytes_served"] += data.nbytes
+
+    def _on_notice(self, frames: list[zmq.Frame]) -> None:
+        if frames[0].bytes == b"C":  # chunk `index` of partial `version` arrived
+            key = (int.from_bytes(frames[1].bytes, "little", signed=True),
+                   int.from_bytes(frames[2].bytes, "little"))
+            waiting = self._parked.pop(key, [])
+            with self._lock:
+                store = self._stores.get(key[0])
+            for identity, rid in waiting:
+                if store is None:
+                    self._send(identity, Error(ERR_NOT_FOUND, f"version {key[0]} dropped"), rid)
+                else:
+                    self._serve(identity, store, key[1], rid)
+        with self._lock:
+            held = set(self._stores)
+        for key in [k for k in self._parked if k[0] not in held]:
+            for identity, rid in self._parked.pop(key):
+                self._send(identity, Error(ERR_NOT_FOUND, f"version {key[0]} dropped"), rid)
