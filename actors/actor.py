@@ -125,11 +125,14 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     sync_box.append(sync)
     sync.start()
 
+    epoch = {"now": welcome.epoch}
+
     def on_welcome(w) -> None:
-        # A learner restarted from a checkpoint may be behind the weights we hold: those came from
-        # a future it never reached, so drop them from the books and pull its current version.
-        if held["version"] > w.version:
-            log.warning("actor.weights_ahead_of_learner", held=held["version"], learner=w.version, epoch=w.epoch)
+        # A learner restarted from a checkpoint (a new epoch) may retrain versions we hold with other
+        # weights: whatever we hold came from a history it no longer has, so pull its current version.
+        if w.epoch != epoch["now"]:
+            log.warning("actor.new_epoch", held=held["version"], learner=w.version, epoch=w.epoch)
+            epoch["now"] = w.epoch
             held["version"] = -1
             sync.reset()
 
@@ -159,6 +162,7 @@ def run(cfg: Config, log_format: str = "auto") -> int:
                     break
                 t0 = time.perf_counter()
                 if reply.reason == WAIT_WEIGHTS:
+                    sync.want(reply.min_version)
                     store = sync.wait_for(reply.min_version, timeout=max(reply.retry_after_s, 5.0))
                     if store is not None:
                         load(store)
@@ -169,6 +173,7 @@ def run(cfg: Config, log_format: str = "auto") -> int:
             lease: Lease = reply
             held_leases.add(lease.lease_id)
             if held["version"] < lease.min_version:  # the learner checks too; never generate with older weights
+                sync.want(lease.min_version)
                 store = sync.wait_for(lease.min_version, timeout=lease.deadline_s)
                 if store is None:
                     client.send(Release(lease_ids=[lease.lease_id]))

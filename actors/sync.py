@@ -49,6 +49,8 @@ class WeightSync:
         self.held_version = -1  # version loaded into the engine (set by the run loop)
         self.stats = SyncStats()
         self._store: WeightStore | None = None
+        self._want = -1
+        self._handed = -1
         self._cv = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="weight-sync", daemon=True)
@@ -65,6 +67,8 @@ class WeightSync:
         """Forget what is held (the learner restarted behind us): the next wanted version is its latest."""
         with self._cv:
             self.held_version = -1
+            self._want = -1
+            self._handed = -1
             self._store = None
             self.stats.have_version = -1
 
@@ -72,6 +76,8 @@ class WeightSync:
         """The newest complete store newer than the held version, handed over once."""
         with self._cv:
             store, self._store = self._store, None
+            if store is not None:
+                self._handed = max(self._handed, store.manifest.version)
         if store is not None and store.manifest.version <= self.held_version:
             return None
         return store
@@ -83,6 +89,7 @@ class WeightSync:
             while not self._stop.is_set():
                 if self._store is not None and self._store.manifest.version >= version:
                     store, self._store = self._store, None
+                    self._handed = max(self._handed, store.manifest.version)
                     return store
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -90,10 +97,17 @@ class WeightSync:
                 self._cv.wait(min(left, 0.2))
         return None
 
+    def want(self, version: int) -> None:
+        """The learner asked for at least `version` (a Wait or a Lease said so): pull it now rather
+        than at the next heartbeat that announces it."""
+        with self._cv:
+            self._want = max(self._want, version)
+
     def _wanted(self) -> int:
         with self._cv:
-            have = max(self.held_version, self._store.manifest.version if self._store else -1)
-        latest = self.client.server_version
+            # a store handed to the run loop but not loaded yet counts as held: don't pull it twice
+            have = max(self.held_version, self._handed, self._store.manifest.version if self._store else -1)
+            latest = max(self.client.server_version, self._want)
         return latest if latest > have else -1
 
     def _loop(self) -> None:
@@ -120,16 +134,31 @@ class WeightSync:
             raise RemoteError("not_found", f"no source for version {version}")
         return reply.endpoint
 
+    def _learner_endpoint(self) -> str:
+        w = self.client.welcome
+        if w is None or not w.weights_endpoint:
+            raise RemoteError("not_found", "the learner announced no weights endpoint")
+        return w.weights_endpoint
+
     def _pull(self, version: int) -> WeightStore:
+        """Pull `version` from the source the learner names; if that source fails (a relay that
+        already dropped the version, a stalled peer), fall back to the learner itself, which
+        always holds its newest versions."""
         self.stats.receiving_version = version
-        first = [self._source(version)]
+        sources = [self._source(version)]
         partial = None
         if self.relay is not None:
             # Relay while receiving: children may ask for chunks we are still pulling.
-            partial = PartialStore(fetch_manifest(first[0], version, timeout=self.bus.chunk_timeout_s, curve=self.curve))
+            try:
+                manifest = fetch_manifest(sources[0], version, timeout=self.bus.chunk_timeout_s, curve=self.curve)
+            except (TimeoutError, RemoteError, LookupError, ValueError) as e:
+                log.info("weights.source_fallback", source=sources[0], error=str(e)[:120])
+                sources = [self._learner_endpoint()]
+                manifest = fetch_manifest(sources[0], version, timeout=self.bus.chunk_timeout_s, curve=self.curve)
+            partial = PartialStore(manifest)
             self.relay.publish_partial(partial)
         store, metrics = pull(
-            lambda: first.pop() if first else self._source(version),
+            lambda: sources.pop() if sources else self._learner_endpoint(),
             version,
             window=self.bus.pull_window,
             chunk_timeout_s=self.bus.chunk_timeout_s,

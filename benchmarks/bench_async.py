@@ -12,9 +12,9 @@ At eta = 0 a batch can only be leased once the previous step's weights exist, so
 G + T; at eta = 1 the actor generates batch k+1 while the learner trains batch k, so a step costs
 max(G, T) and the ideal speedup is (G + T) / max(G, T) (2 when G = T).
 
-Measurement. One run, one fleet: eta alternates 0, 1, 0, 1 (`Set(max_staleness)` from an admin
-client on the bus, as `or1 set` does), PHASE_STEPS steps each, so startup costs nothing and a
-change of background load hits both settings alike. The first SETTLE steps after each switch are
+Measurement. One run, one fleet: eta alternates 0, 1, 0, 1, 0, 1 (`Set(max_staleness)` from an
+admin client on the bus, as `or1 set` does), --phase-steps steps each, so startup costs nothing and
+a change of background load hits both settings alike. The first SETTLE steps after each switch are
 not measured (work admitted under the old eta drains). Per phase: the wall time per step from
 metrics.jsonl's step timestamps (the same number of steps, hence trained groups, for both eta).
 G and T come from the eta = 0 phases, where the stages alternate: G = the learner's `learner/wait_s`
@@ -24,11 +24,15 @@ G and T come from the eta = 0 phases, where the stages alternate: G = the learne
     async_speedup = wall/step(eta=0) / wall/step(eta=1),   ideal = (G + T) / max(G, T),
     frac_of_ideal = async_speedup / ideal   (goal >= 0.95).
 
-The batch shape (prompts per batch, group size, response tokens) is chosen so that G and T are
-comparable on this machine (printed); both processes run one thread, so the overlap needs two free
-cores: on a shared 2-core machine other load takes part of the second core, and the fraction of the
-ideal shows it. Staleness drops (`staleness/dropped`) at eta = 1 are reported: each is a generated
-group thrown away, which costs the pipeline directly.
+The batch shape (B = 16 prompts x n = 16 samples, 8 response tokens) makes G and T comparable
+here (~0.6 s and ~0.7 s). Both processes run one thread, so the overlap needs two free cores: on a
+shared 2-core machine other load (and the reward worker) takes part of them, which shows as a
+slower learner step at eta = 1. Staleness drops (`staleness/dropped`) at eta = 1 are reported: each
+is a generated group thrown away, which costs the pipeline directly; the closing "diagnosis" line
+scales G by the extra groups generated per step and T by the contention and compares that bound
+with the measured eta = 1 step. Heartbeats run every 0.2 s (liveness 0.6 s): actors learn of a new
+version from heartbeats, and at steps of ~1 s the default 1 s would add a version-discovery delay
+that a run with minute-long steps does not have; much shorter (0.05 s) makes busy peers look dead.
 
 Last line: RESULT async_speedup=… ideal=… frac_of_ideal=… goal=0.95 g_s=… t_s=…
 """

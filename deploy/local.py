@@ -45,8 +45,11 @@ class Fleet:
         log = self.run_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "deploy.cli", *args, "--config", str(self.config_path), "--log-format", "json"]
+        # One OpenMP thread per process unless the user says otherwise: the roles share this machine's
+        # cores, and oversubscribed OpenMP threads spin against each other (10x slower steps seen).
+        base = {"OMP_NUM_THREADS": "1", **os.environ}
         proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**base, **(env or {})}, start_new_session=True)
         child = Child(name, proc, log)
         self.children.append(child)
         return child
@@ -104,10 +107,12 @@ def prepare(cfg: Config, explicit_out: bool) -> Config:
 
         print(f"or1: building or reusing the embedded tiny model in {cfg.run.cache_dir} ...", flush=True)
         lc.model = str(ensure_tiny_model(Path(cfg.run.cache_dir).expanduser(), warm=cfg.run.warm_start))
-    if lc.control_port == 0 or not port_free(lc.control_port):
-        lc.control_port = free_port()
-    if lc.weights_port == 0 or not port_free(lc.weights_port) or lc.weights_port == lc.control_port:
-        lc.weights_port = free_port()
+    # A busy port becomes 0: the learner binds a free one and writes RUN_DIR/endpoint, which is
+    # read back before the other roles start (checking a port here and binding it there would race).
+    if not port_free(lc.control_port):
+        lc.control_port = 0
+    if not port_free(lc.weights_port) or lc.weights_port == lc.control_port:
+        lc.weights_port = 0
     lc.bind_host = "127.0.0.1"
     lc.advertise_host = "127.0.0.1"
     return cfg
@@ -120,11 +125,14 @@ def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> in
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
     save_config(cfg, config_path)
-    fleet = Fleet(run_dir, config_path, f"tcp://127.0.0.1:{cfg.learner.control_port}")
-    print(f"or1: run directory {run_dir}  (learner {fleet.learner_ep}; `or1 status --learner {fleet.learner_ep}`)", flush=True)
+    fleet = Fleet(run_dir, config_path, "")
+    (run_dir / "endpoint").unlink(missing_ok=True)
     interrupted = False
     try:
         learner = fleet.start("learner", ["learner"])
+        fleet.learner_ep = wait_endpoint(run_dir / "endpoint", learner)
+        print(f"or1: run directory {run_dir}  (learner {fleet.learner_ep}; `or1 status --learner {fleet.learner_ep}`)",
+              flush=True)
         for i in range(cfg.run.reward_workers):
             fleet.start_reward(i)
         for i in range(cfg.run.actors):
@@ -133,6 +141,8 @@ def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> in
     except KeyboardInterrupt:
         interrupted = True
         print("\nor1: interrupted; stopping every process ...", flush=True)
+    except RuntimeError as e:
+        print(f"or1: {e}", flush=True)
     finally:
         fleet.stop()
     rc = learner.proc.returncode if learner.proc.returncode is not None else 1
@@ -148,6 +158,18 @@ def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> in
     if rc != 0:
         print(f"or1: the learner exited with {rc}; see {learner.log}")
     return rc
+
+
+def wait_endpoint(path: Path, learner: Child, timeout_s: float = 600.0) -> str:
+    """The control endpoint the learner bound, once it serves (it writes RUN_DIR/endpoint)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        if learner.proc.poll() is not None:
+            raise RuntimeError(f"the learner exited with {learner.proc.returncode} before serving; see {learner.log}")
+        time.sleep(0.2)
+    raise TimeoutError(f"the learner did not serve within {timeout_s:.0f} s; see {learner.log}")
 
 
 def total_steps(cfg: Config) -> int:

@@ -125,7 +125,9 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     service.attach(server)
     server.start()
     log.info("learner.serving", control=server.endpoint, weights=weights_ep, version=scheduler.version, epoch=epoch)
-    (run_dir / "endpoint").write_text(f"tcp://{host}:{server.endpoint.rsplit(':', 1)[1]}\n")
+    tmp = run_dir / "endpoint.tmp"  # renamed into place: a reader never sees half of it
+    tmp.write_text(f"tcp://{host}:{server.endpoint.rsplit(':', 1)[1]}\n")
+    tmp.replace(run_dir / "endpoint")
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,7 +23,11 @@ stage began (so a change of B between stages starts a fresh account)::
 
     trained + training + in_flight + buffered + k <= (v + eta + 1) * B
 
-where in_flight counts leased-not-submitted and submitted-not-scored groups. Since every step
+where in_flight counts leased-not-submitted and submitted-not-scored groups. A grant is further cut
+to what the asking actor's weights w may generate: the groups it takes train, in lease order, at
+version stage_v0 + ceil(position / B) − 1, which must be ≤ w + η, and the lease's min_version is the
+training version of its last group minus η (so a group cannot be stale when it is consumed unless
+filters reorder the queue; the check at consumption stays as the guarantee). Since every step
 consumes exactly B groups, trained + training = v * B (+ B while a batch trains), so this is
 "at most (eta + 1) batches between leasing and training". A lease also requires the actor to hold
 weights >= v - eta (else Wait(WAIT_WEIGHTS)); a submit must carry weight_version >= the lease's
@@ -248,12 +252,20 @@ class Scheduler:
             return Wait(WAIT_WEIGHTS, RETRY_WEIGHTS_S, min_version)
         if actor_weight_version > self.newest_weights:  # from a future this learner never reached (restart)
             return Wait(WAIT_WEIGHTS, RETRY_WEIGHTS_S, self.version)
-        room = self.admission_cap() - self.admission_load()
+        load = self.admission_load()
+        room = self.admission_cap() - load
         if room <= 0:
             return Wait(WAIT_ADMISSION, RETRY_ADMISSION_S, min_version)
-        picked = self._pick(min(max_groups, self.lease_groups, room))
+        # Groups leased now are trained, in order, in this stage's batch ceil((load + j) / B) - 1, at
+        # version t = stage_v0 + that; they must come from weights >= t - eta or be dropped as stale
+        # at consumption. So an actor holding w may take only what will train by version w + eta:
+        fit = (actor_weight_version + self.eta - self._stage_v0 + 1) * self.batch_size - load
+        if fit <= 0:
+            return Wait(WAIT_WEIGHTS, RETRY_WEIGHTS_S, self._train_version(load + 1) - self.eta)
+        picked = self._pick(min(max_groups, self.lease_groups, room, fit))
         if not picked:
             return Wait(WAIT_NO_DATA, RETRY_NO_DATA_S, min_version)
+        min_version = max(min_version, self._train_version(load + len(picked)) - self.eta)
         lease_id, stage = self._next_lease_id, self.stage_config
         self._next_lease_id += 1
         lease = _Lease(lease_id, actor_id, tuple(p.prompt_id for p in picked),
@@ -268,6 +280,10 @@ class Scheduler:
         prompts = [PromptItem(p.prompt_id, p.token_ids) for p in picked]
         return Lease(lease_id, self.epoch, prompts, self.sampling_spec(seed), min_version,
                      self.lease_timeout_s)
+
+    def _train_version(self, position: int) -> int:
+        """The version at which the `position`-th group counted in this stage's load (1-based) trains."""
+        return self._stage_v0 + -(-position // self.batch_size) - 1
 
     def _pick(self, k: int) -> list[Prompt]:
         def blocked(pid: str) -> bool:

@@ -77,9 +77,14 @@ class AdmissionMachine(RuleBasedStateMachine):
             c = s.counts()
             assert c["leased"] + c["scoring"] + c["buffered"] + c["training"] <= (s.eta + 1) * s.batch_size
             assert s.version - s.eta <= held <= s.newest_weights
+            assert s.version - s.eta <= r.min_version <= held
             assert r.sampling.n == s.stage_config.group_size
         elif r.reason == WAIT_WEIGHTS:
-            assert held < max(0, s.version - s.eta) or held > s.newest_weights
+            # too old for the lag bound, from a future the learner never reached, or too old for the
+            # batch its next group would land in: (held + eta - stage_v0 + 1)·B - load <= 0
+            fit = (held + s.eta - s._stage_v0 + 1) * s.batch_size - s.admission_load()
+            assert held < max(0, s.version - s.eta) or held > s.newest_weights or fit <= 0
+            assert r.min_version > held or held > s.newest_weights
         elif r.reason == WAIT_ADMISSION:
             assert s.admission_load() >= s.admission_cap()
 
