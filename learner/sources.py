@@ -3,13 +3,17 @@
 A relay is an actor started with `--relay-bind`: it serves every chunk it has already received,
 so pulls form a tree whose depth grows like log_fanout(N) while each chunk is pipelined down it.
 Each source (learner or relay) gets at most `fanout` children per version; a child leaves the
-count when it reports the version as held (heartbeat) or dies. The learner is preferred while it
+count when it reports the version as held (heartbeat), dies, asks again, or after `ttl_s` (a pull of
+a whole version rarely takes longer; without it, fast steps would keep the learner's slots "busy"
+with children that finished long ago but have not heartbeated yet). The learner is preferred while it
 has room (it has the whole buffer at once); then the relay with the fewest children.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 LEARNER_ID = "learner"
 
@@ -25,13 +29,20 @@ class RelayView:
 
 
 class WeightSources:
-    def __init__(self, learner_endpoint: str, fanout: int):
+    def __init__(self, learner_endpoint: str, fanout: int, ttl_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.learner_endpoint = learner_endpoint
         self.fanout = fanout
+        self.ttl_s = ttl_s
+        self.clock = clock
         self._children: dict[tuple[str, int], set[str]] = {}
+        self._since: dict[str, float] = {}  # child -> when it was last assigned
 
     def choose(self, version: int, requester: str, relays: list[RelayView]) -> tuple[str, str]:
         """(endpoint, source_id) for `requester` to pull `version` from."""
+        now = self.clock()
+        for child in [c for c, t in self._since.items() if now - t > self.ttl_s]:
+            self._forget_child(child)
         self._forget_child(requester)
         candidates = [(LEARNER_ID, self.learner_endpoint)] + [
             (r.worker_id, r.endpoint) for r in relays
@@ -45,6 +56,7 @@ class WeightSources:
             open_ = [(load[sid], sid, ep) for sid, ep in candidates[1:] if load[sid] < self.fanout]
             _, sid, ep = min(open_) if open_ else (0, LEARNER_ID, self.learner_endpoint)
         self._children.setdefault((sid, version), set()).add(requester)
+        self._since[requester] = now
         return ep, sid
 
     def done(self, worker_id: str, held_version: int) -> None:
@@ -65,6 +77,7 @@ class WeightSources:
         return set(self._children.get((source_id, version), ()))
 
     def _forget_child(self, worker_id: str) -> None:
+        self._since.pop(worker_id, None)
         for key, kids in list(self._children.items()):
             kids.discard(worker_id)
             if not kids:

@@ -43,3 +43,13 @@ def test_relay_must_hold_or_receive_the_version():
     old = [RelayView("a", "tcp://a:1", have_version=0, receiving_version=-1)]
     ws.choose(1, "x", old)
     assert ws.choose(1, "y", old)[1] == LEARNER_ID  # a holds only version 0: overflow goes to the learner
+
+
+def test_slots_expire_after_ttl():
+    now = [0.0]
+    ws = WeightSources("tcp://learner:5556", fanout=1, ttl_s=5.0, clock=lambda: now[0])
+    rs = relays("a", "b")
+    assert ws.choose(1, "a", rs)[1] == LEARNER_ID
+    assert ws.choose(1, "b", rs)[1] == "a"  # the learner's one slot is taken
+    now[0] = 6.0  # a finished long ago without a heartbeat yet: its slot is free again
+    assert ws.choose(1, "b", rs)[1] == LEARNER_ID
