@@ -25,11 +25,11 @@ def plot_run(run_dir: str | Path) -> Path:
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "step" in r]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     for ax, (title, left, right) in zip(axes.flat, PANELS):
-        _series(ax, rows, left)
+        _series(ax, rows, left, loc="upper left")
         ax.set_title(title)
         ax.set_xlabel("step")
         if right:
-            _series(ax.twinx(), rows, right, style="--")
+            _series(ax.twinx(), rows, right, style="--", loc="lower right")
     fig.suptitle(f"or1 run {run_dir.name}")
     out = run_dir / "curves.png"
     fig.savefig(out, dpi=100)
@@ -37,11 +37,11 @@ def plot_run(run_dir: str | Path) -> Path:
     return out
 
 
-def _series(ax, rows: list[dict], keys: list[str], style: str = "-") -> None:
+def _series(ax, rows: list[dict], keys: list[str], style: str = "-", loc: str = "best") -> None:
     for key in keys:
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, style, label=key)
     if any(ax.get_lines()):
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc=loc, fontsize=8)
