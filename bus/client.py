@@ -46,6 +46,11 @@ log = get_logger(component="bus.client")
 _BUSY_POLL_S = 0.05  # the I/O thread's poll period while callers pump the socket themselves
 
 
+class Disconnected(TimeoutError):
+    """The session was lost while a request waited: it may or may not have been handled; retry it
+    (a TimeoutError, so callers that retry on a timeout retry on this too)."""
+
+
 class RemoteError(RuntimeError):
     """The server answered a request with Error(code, message)."""
 
@@ -142,6 +147,8 @@ class Client:
             if not waiter.done:
                 raise TimeoutError(f"no reply to {msg.TYPE} within {timeout} s")
         reply = waiter.value
+        if reply is None:
+            raise Disconnected(f"connection to {self.endpoint} lost while waiting for the reply to {msg.TYPE}")
         if isinstance(reply, Error):
             raise RemoteError(reply.code, reply.message)
         assert reply is not None
@@ -218,6 +225,16 @@ class Client:
         if waiter.thread != threading.get_ident():
             poke(self._dlv_w)  # it may be asleep in select on the socket we just drained
         return True
+
+    def _disconnect(self, rid: int) -> None:
+        """Under the lock: the session carrying request `rid` is gone; its caller gets Disconnected."""
+        waiter = self._pending.pop(rid, None)
+        if waiter is None:
+            return
+        waiter.value = None
+        waiter.done = True
+        if waiter.thread != threading.get_ident():
+            poke(self._dlv_w)
 
     def _refused(self, error: Error) -> None:
         """Under the lock: the server answered our Hello with `error`; ``connect`` raises it."""

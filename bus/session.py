@@ -183,6 +183,11 @@ class Session:
             self.raw_send(encode(hello, self.hello_rid))
         if now - self.last_heard > self.c.liveness * self.c.heartbeat_s:
             log.warning("server silent, reconnecting", endpoint=self.c.endpoint, backoff_s=self.backoff)
+            # Requests sent on this session will never be answered (a restarted server never saw them):
+            # fail them now so callers retry at once instead of sitting out their whole timeout.
+            for rid in list(self.inflight):
+                self.c._disconnect(rid)
+            self.inflight = {}
             self.shutdown_socket(None)
             self.reopen_at = now + self.backoff
             self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)

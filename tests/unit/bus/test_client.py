@@ -274,3 +274,36 @@ def test_peer_handler_sees_worker_identity(server: Server) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_request_waiting_on_a_lost_session_fails_fast_with_disconnected() -> None:
+    """A server that welcomes, then dies with a request unanswered: the caller gets Disconnected
+    (a TimeoutError) once the session is declared lost, not after its own 30 s timeout."""
+    from bus.client import Disconnected
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    c = make_client(f"tcp://127.0.0.1:{port}")
+    try:
+        def serve_hello_then_go_mute() -> None:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if router.poll(50):
+                    ident, *frames = router.recv_multipart(copy=False)
+                    msg, rid = decode(frames, max_bytes=1 << 20)
+                    if isinstance(msg, M.Hello):
+                        router.send_multipart([ident.bytes, *encode(welcome(liveness=3), rid)])
+                        return
+
+        t = threading.Thread(target=serve_hello_then_go_mute, daemon=True)
+        t.start()
+        c.connect(timeout=5)
+        t.join()
+        t0 = time.monotonic()
+        with pytest.raises(Disconnected):
+            c.request(M.LeaseRequest(max_groups=1, weight_version=0), timeout=30)
+        assert time.monotonic() - t0 < 5  # liveness 3 x 0.1 s, plus scheduling slack
+    finally:
+        c.close(bye=None)
+        ctx.destroy(linger=0)
