@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 log = get_logger(component="bus.client")
 _BUSY_POLL_S = 0.05  # the I/O thread's poll period while callers pump the socket themselves
+_WAIT_SLICE_S = 0.05  # longest a waiting caller sleeps before re-checking its reply
 
 
 class Disconnected(TimeoutError):
@@ -199,7 +200,9 @@ class Client:
                     return False
                 fds = [self._dlv_r] if fd is None else [self._dlv_r, fd]
                 try:
-                    ready = select.select(fds, [], [], remaining)[0]
+                    # bounded: the delivery pipe is shared by every waiting thread, so another
+                    # waiter may drain the poke meant for us; we then notice within _WAIT_SLICE_S
+                    ready = select.select(fds, [], [], min(remaining, _WAIT_SLICE_S))[0]
                 except (OSError, ValueError):  # the socket closed under us (reconnect): go round
                     ready = []
                     time.sleep(0.001)

@@ -307,3 +307,39 @@ def test_request_waiting_on_a_lost_session_fails_fast_with_disconnected() -> Non
     finally:
         c.close(bye=None)
         ctx.destroy(linger=0)
+
+
+def test_two_threads_waiting_both_get_their_replies_promptly() -> None:
+    """Replies for two threads arriving together: a poke drained by one waiter must not leave the
+    other asleep until its timeout (the delivery pipe is shared)."""
+    srv = Server("tcp://127.0.0.1:0", heartbeat_s=HB, liveness=LIVE)
+    srv.on_hello(lambda p: welcome())
+    gate = threading.Event()
+
+    def slow(p, m):
+        gate.wait(2)
+        return M.SubmitAck(lease_id=m.max_groups, accepted=1)
+
+    srv.on(M.LeaseRequest, slow)
+    srv.start()
+    c = make_client(srv.endpoint)
+    try:
+        c.connect(timeout=5)
+        took: dict[int, float] = {}
+
+        def ask(i: int) -> None:
+            t0 = time.monotonic()
+            for _ in range(20):
+                assert c.request(M.LeaseRequest(max_groups=i, weight_version=0), timeout=20).lease_id == i
+            took[i] = time.monotonic() - t0
+
+        gate.set()
+        threads = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert set(took) == {1, 2} and max(took.values()) < 10, took
+    finally:
+        c.close()
+        srv.stop()
