@@ -56,7 +56,6 @@ def test_learner_process_end_to_end(tmp_path, tiny_model_dir):
     held = {"v": 0}
     actor = Client(ep, lambda: Hello(role=ROLE_ACTOR, worker_id="test-actor", host=socket.gethostname(),
                                      weight_version=held["v"]), heartbeat_s=0.5)
-    admin = None
     try:
         welcome = actor.connect(timeout=180)
         assert welcome.version == 0 and welcome.epoch == 0
