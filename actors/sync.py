@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bus.client import Client, RemoteError
 from bus.messages import WeightSource
@@ -29,12 +29,10 @@ log = get_logger()
 @dataclass
 class SyncStats:
     transfer_s: float = 0.0
-    bytes: int = 0
     retries: int = 0
     failures: int = 0
     receiving_version: int = -1
     have_version: int = -1  # newest complete store (served by the relay before the engine loads it)
-    last_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class WeightSync:
@@ -170,9 +168,7 @@ class WeightSync:
             self.relay.publish(store)
         self.stats.have_version = store.manifest.version
         self.stats.transfer_s = metrics.get("weights/transfer_s", 0.0)
-        self.stats.bytes = int(metrics.get("weights/bytes", 0))
         self.stats.retries += int(metrics.get("weights/retries", 0))
-        self.stats.last_metrics = metrics
         self.stats.receiving_version = -1
         log.info("weights.pulled", version=store.manifest.version, transfer_s=round(self.stats.transfer_s, 3))
         return store
