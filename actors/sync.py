@@ -7,6 +7,10 @@ relays — serves each chunk to its own children as soon as it has arrived. The 
 finished store into the engine between leases, so generation pauses only for the load, not for
 the transfer (DESIGN §5: "the actor keeps generating with its old weights meanwhile, within η").
 A stalled or failed transfer is retried from another source; the old weights stay in use.
+
+On one host (``bus.shared_memory``): a source on this actor's host hands the version over as a
+``/dev/shm`` file that is mapped, not pulled (``bus.shm``); a relay keeps what it receives there, and
+re-offers a mapped version to its own same-host children.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 
 from bus.client import Client, RemoteError
 from bus.messages import WeightSource
-from bus.weight_pull import fetch_manifest, pull
+from bus.weight_pull import attach_shared, fetch_manifest, pull
 from bus.weight_server import WeightServer
 from bus.weights import PartialStore, WeightStore
 from common.config import BusConfig
@@ -145,6 +149,14 @@ class WeightSync:
         self.stats.receiving_version = version
         sources = [self._source(version)]
         partial = None
+        shared = self.bus.shared_memory
+        if shared and self.relay is not None:  # (a plain puller tries the same inside `pull`)
+            t0 = time.perf_counter()
+            attached = attach_shared(sources[0], version, 3 * self.bus.chunk_timeout_s, self.curve,
+                                     self.bus.max_message_bytes)
+            if attached is not None:
+                self.relay.publish(attached)
+                return self._pulled(attached, time.perf_counter() - t0, 0)
         if self.relay is not None:
             # Relay while receiving: children may ask for chunks we are still pulling.
             try:
@@ -153,7 +165,7 @@ class WeightSync:
                 log.info("weights.source_fallback", source=sources[0], error=str(e)[:120])
                 sources = [self._learner_endpoint()]
                 manifest = fetch_manifest(sources[0], version, timeout=self.bus.chunk_timeout_s, curve=self.curve)
-            partial = PartialStore(manifest)
+            partial = PartialStore(manifest, shared=shared)
             self.relay.publish_partial(partial)
         store, metrics = pull(
             lambda: sources.pop() if sources else self._learner_endpoint(),
@@ -163,12 +175,17 @@ class WeightSync:
             partial=partial,
             max_message_bytes=self.bus.max_message_bytes,
             curve=self.curve,
+            shared=shared,
         )
         if self.relay is not None:
             self.relay.publish(store)
+        return self._pulled(store, metrics.get("weights/transfer_s", 0.0), int(metrics.get("weights/retries", 0)))
+
+    def _pulled(self, store: WeightStore, transfer_s: float, retries: int) -> WeightStore:
         self.stats.have_version = store.manifest.version
-        self.stats.transfer_s = metrics.get("weights/transfer_s", 0.0)
-        self.stats.retries += int(metrics.get("weights/retries", 0))
+        self.stats.transfer_s = transfer_s
+        self.stats.retries += retries
         self.stats.receiving_version = -1
-        log.info("weights.pulled", version=store.manifest.version, transfer_s=round(self.stats.transfer_s, 3))
+        log.info("weights.pulled", version=store.manifest.version, transfer_s=round(transfer_s, 3),
+                 shared=store.shared is not None and not store.shared.owner)
         return store

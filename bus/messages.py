@@ -354,6 +354,29 @@ class Chunk(Message):
     data: np.ndarray
 
 
+@dataclass
+class GetShared(Message):
+    """Request (puller → weights ROUTER on the same host): map `version` (-1 = latest) from shared
+    memory instead of pulling its chunks. `host` is the puller's ``bus.shm.host_id()``. Answered
+    with Shared once the source holds the whole version (a relay still receiving answers when it
+    has the last chunk), or at once with Error(not_found) when the host differs or the version is
+    not in shared memory: the puller then pulls chunks as usual."""
+
+    TYPE: ClassVar[str] = "get_shared"
+    version: int
+    host: str
+
+
+@dataclass
+class Shared(Message):
+    """Reply to GetShared: the version's flat buffer is the file `path` (``/dev/shm/or1-w-…``),
+    laid out and checksummed as `manifest` says; every chunk's crc was checked by the source."""
+
+    TYPE: ClassVar[str] = "shared"
+    path: str
+    manifest: Manifest
+
+
 # --- admin ----------------------------------------------------------------------------------
 
 
@@ -399,7 +422,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Hello, Welcome, Heartbeat, Bye, Error,
         LeaseRequest, Lease, Wait, Submit, SubmitAck, Release,
         Ready, ScoreRequest, ScoreResult,
-        WeightSource, GetManifest, Manifest, GetChunk, Chunk,
+        WeightSource, GetManifest, Manifest, GetChunk, Chunk, GetShared, Shared,
         Status, StatusReply, Set, SetReply,
     )
 }

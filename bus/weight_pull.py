@@ -8,6 +8,12 @@ next endpoint (or the same one again) continues with the chunks still missing. M
 destination (the partial's buffer) and checked there, on a verifier thread, so the receiving
 thread keeps the pipe full meanwhile.
 
+Same host (``bus.shm``): unless told not to (``shared=False``, or a ``partial`` to fill), ``pull``
+receives into shared memory, and first asks the source for the version in shared memory (GetShared). A source on this host that
+keeps it in ``/dev/shm`` answers with the file, which is mapped read-only: no bytes move. Any other
+answer (another host, a private buffer, a file already gone, no answer within
+``shared_timeout_s``) costs one round trip and the chunks are pulled as usual.
+
 ``fetch_manifest`` asks one source for a manifest alone (e.g. to create the ``PartialStore`` a
 relay publishes before pulling into it).
 """
@@ -31,10 +37,13 @@ from bus.messages import (
     Error,
     GetChunk,
     GetManifest,
+    GetShared,
     Manifest,
     Message,
     ProtocolError,
+    Shared,
 )
+from bus import shm
 from bus.server import configure_socket, recv_frames, send_frames
 from bus.weights import PartialStore, WeightStore, check_manifest
 from common.log import get_logger
@@ -106,6 +115,30 @@ class _Puller:
         return reply
 
 
+def attach_shared(endpoint: str, version: int, timeout: float, curve: "CurveConfig | None" = None,
+                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> WeightStore | None:
+    """`version` (-1 = latest) mapped from the shared memory of a source on this host, or None
+    (another host, not in shared memory, gone, no answer within `timeout` s)."""
+    if not shm.available():
+        return None
+    with _Puller(endpoint, curve, max_message_bytes) as p:
+        p.send(GetShared(version, shm.host_id()))
+        try:
+            reply = p.recv(timeout)
+        except ProtocolError as e:
+            log.warning("bad shared reply", endpoint=endpoint, error=str(e)[:120])
+            return None
+    if not isinstance(reply, Shared) or version not in (-1, reply.manifest.version):
+        return None
+    try:
+        check_manifest(reply.manifest)
+        buf = shm.attach(reply.path, reply.manifest.total_bytes)
+    except (OSError, ValueError) as e:  # dropped meanwhile, or another /dev/shm (containers)
+        log.info("shared weights not attachable", path=reply.path, error=str(e)[:120])
+        return None
+    return WeightStore(reply.manifest, buf.array, buf)
+
+
 class _SourceFailed(Exception):
     """This source keeps sending chunks that fail their crc."""
 
@@ -159,25 +192,36 @@ class _Verifier:
 def pull(source: "str | Callable[[], str]", version: int, *, window: int = PULL_WINDOW,
          chunk_timeout_s: float = CHUNK_TIMEOUT_S, on_chunk: Callable[[int], None] | None = None,
          partial: PartialStore | None = None, max_retries: int = 5, curve: "CurveConfig | None" = None,
-         max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[WeightStore, dict[str, float]]:
+         max_message_bytes: int = MAX_MESSAGE_BYTES, shared: bool = True,
+         shared_timeout_s: float | None = None) -> tuple[WeightStore, dict[str, float]]:
     """Pull `version` (-1 = the source's latest) from `source` (an endpoint, or a callable giving the
     endpoint to use next, asked again whenever a source stalls or fails). Fills `partial` when given
-    (a relay publishes it first). Returns the verified store and `weights/*` metrics."""
+    (a relay publishes it first). With `shared`, a same-host source's shared memory is mapped
+    instead (waiting up to `shared_timeout_s`, default 3 × `chunk_timeout_s`, for a relay still
+    receiving), and a version pulled is received into shared memory (``bus.shm``: its buffer is
+    made in advance). Returns the verified store and `weights/*` metrics."""
     next_endpoint: Callable[[], str] = source if callable(source) else (lambda: source)  # type: ignore
     if partial is not None and version not in (-1, partial.version):
         raise ValueError(f"partial holds version {partial.version}, asked for {version}")
     t0 = time.perf_counter()
-    stats = {"weights/retries": 0.0, "weights/bad_chunks": 0.0}
+    stats = {"weights/retries": 0.0, "weights/bad_chunks": 0.0, "weights/shared": 0.0}
+    endpoint = next_endpoint()
+    if shared and partial is None:
+        timeout = 3 * chunk_timeout_s if shared_timeout_s is None else shared_timeout_s
+        store = attach_shared(endpoint, version, timeout, curve, max_message_bytes)
+        if store is not None:
+            stats.update({"weights/shared": 1.0, "weights/transfer_s": time.perf_counter() - t0,
+                          "weights/bytes": float(store.manifest.total_bytes)})
+            return store, stats
     bad: dict[int, int] = {}
     ctx = zmq.Context(io_threads=1)
     verifier: _Verifier | None = None
     try:
-        endpoint = next_endpoint()
         while True:
             puller = _Puller(endpoint, curve, max_message_bytes, ctx)
             try:
                 if partial is None:
-                    partial = PartialStore(puller.manifest(version, chunk_timeout_s))
+                    partial = PartialStore(puller.manifest(version, chunk_timeout_s), shared=shared)
                 verifier = verifier or _Verifier(partial)
                 _pull_chunks(puller, verifier, window, chunk_timeout_s, on_chunk, stats, bad, max_retries)
                 break

@@ -6,6 +6,13 @@ too: a GetChunk for a chunk it lacks is parked and answered the moment ``put`` d
 partial's listener wakes the server thread through its outbox), so a relay serves chunk i as soon
 as it has it. Dropping a version answers the requests parked on it with Error(not_found). Chunks
 leave as zero-copy frames of the store buffer.
+
+GetShared (``bus.shm``): a store whose buffer lives in ``/dev/shm`` is offered to pullers of the
+same host as its file (Shared), so they map it instead of pulling it; a partial answers once it is
+complete. Anyone else — another host, a private buffer — gets Error(not_found) at once and pulls
+chunks. Dropping a version the server's process owns in shared memory unlinks its file (mappings
+made before stay valid), and publishing one makes the buffer for the next version in advance
+(``shm.prepare``): a source is sent new versions all run long.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zmq
 
+from bus import shm
 from bus.codec import decode, encode
 from bus.messages import (
     ERR_BAD_MESSAGE,
@@ -25,8 +33,10 @@ from bus.messages import (
     Error,
     GetChunk,
     GetManifest,
+    GetShared,
     Message,
     ProtocolError,
+    Shared,
 )
 from bus.server import NOBLOCK, Outbox, bind_endpoint, bound_endpoint, configure_socket, recv_ready, send_frames
 from bus.weights import PartialStore, WeightStore
@@ -46,8 +56,8 @@ class WeightServer:
         self.keep_versions = keep_versions
         self.max_message_bytes = max_message_bytes
         self.metrics: dict[str, float] = dict.fromkeys(
-            ("weights/chunks_served", "weights/bytes_served", "weights/manifests_served", "bus/bad_messages",
-             "bus/send_failed"), 0.0)
+            ("weights/chunks_served", "weights/bytes_served", "weights/manifests_served", "weights/shared_served",
+             "bus/bad_messages", "bus/send_failed"), 0.0)
         self._ctx = zmq.Context(io_threads=1)
         self._auth = None
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -72,8 +82,11 @@ class WeightServer:
         """Serve `store` (thread-safe); versions beyond the newest `keep_versions` are dropped."""
         with self._lock:
             self._stores[store.version] = store
-            for v in sorted(self._stores)[:-self.keep_versions]:
-                del self._stores[v]
+            dropped = [self._stores.pop(v) for v in sorted(self._stores)[:-self.keep_versions]]
+        for old in dropped:
+            _unlink(old)
+        if store.complete and store.shared is not None and store.shared.owner:
+            shm.prepare(store.manifest.total_bytes)  # a source gets new versions: make the next buffer now
         self._outbox.put([b"P"])  # lets the thread refuse requests parked on a dropped version
 
     def publish_partial(self, partial: PartialStore) -> None:
@@ -90,6 +103,10 @@ class WeightServer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        with self._lock:
+            stores, self._stores = list(self._stores.values()), {}
+        for store in stores:
+            _unlink(store, now=True)
         self._outbox.close()
         if self._auth is not None:
             self._auth.stop()
@@ -135,16 +152,23 @@ class WeightServer:
         with self._lock:
             latest = max(self._stores) if self._stores else None
             version = getattr(msg, "version", None)
-            if isinstance(msg, GetManifest) and version == -1:
+            if isinstance(msg, (GetManifest, GetShared)) and version == -1:
                 version = latest
             store = self._stores.get(version) if isinstance(version, int) else None
-        if not isinstance(msg, (GetManifest, GetChunk)):
+        if not isinstance(msg, (GetManifest, GetChunk, GetShared)):
             self._send(identity, Error(ERR_BAD_MESSAGE, f"unexpected {msg.TYPE} on the weights port"), rid)
         elif store is None:
             self._send(identity, Error(ERR_NOT_FOUND, f"version {version} not held"), rid)
         elif isinstance(msg, GetManifest):
             self.metrics["weights/manifests_served"] += 1
             self._send(identity, store.manifest, rid)
+        elif isinstance(msg, GetShared):
+            if store.shared is None or msg.host != shm.host_id():
+                self._send(identity, Error(ERR_NOT_FOUND, "not in shared memory on this host"), rid)
+            elif isinstance(store, PartialStore) and not store.complete:
+                self._parked.setdefault((store.version, -1), []).append((identity, rid))
+            else:
+                self._send_shared(identity, store, rid)
         elif not 0 <= msg.index < store.n_chunks:
             self._send(identity, Error(ERR_NOT_FOUND, f"chunk {msg.index} out of range"), rid)
         elif isinstance(store, PartialStore) and not store.has(msg.index):
@@ -158,6 +182,11 @@ class WeightServer:
         self.metrics["weights/chunks_served"] += 1
         self.metrics["weights/bytes_served"] += data.nbytes
 
+    def _send_shared(self, identity: bytes, store: "WeightStore | PartialStore", rid: int) -> None:
+        assert store.shared is not None
+        self._send(identity, Shared(str(store.shared.path), store.manifest), rid)
+        self.metrics["weights/shared_served"] += 1
+
     def _on_notice(self, frames: list[zmq.Frame]) -> None:
         if frames[0].bytes == b"C":  # chunk `index` of partial `version` arrived
             key = (int.from_bytes(frames[1].bytes, "little", signed=True),
@@ -170,8 +199,22 @@ class WeightServer:
                     self._send(identity, Error(ERR_NOT_FOUND, f"version {key[0]} dropped"), rid)
                 else:
                     self._serve(identity, store, key[1], rid)
+            if store is not None and store.complete:  # the last chunk: parked GetShared can map it now
+                for identity, rid in self._parked.pop((key[0], -1), []):
+                    self._send_shared(identity, store, rid)
         with self._lock:
             held = set(self._stores)
         for key in [k for k in self._parked if k[0] not in held]:
             for identity, rid in self._parked.pop(key):
                 self._send(identity, Error(ERR_NOT_FOUND, f"version {key[0]} dropped"), rid)
+
+
+def _unlink(store: "WeightStore | PartialStore", now: bool = False) -> None:
+    """A dropped version's shared-memory file goes (if this process made it), on the housekeeping
+    thread unless `now`: freeing its pages must not slow the version that replaces it. It is
+    attached no more either way: the server no longer names it."""
+    if store.shared is not None and store.shared.owner:
+        if now:
+            store.shared.unlink()
+        else:
+            shm.later(store.shared.unlink)

@@ -9,8 +9,13 @@ Checksums (``bus.crc``): CRC-32 per chunk; the whole-buffer crc32 is not a secon
 bytes but ``crc32_combine`` of the chunk crcs. A ``PartialStore`` (a version being received, e.g.
 by a puller or a relay) takes each chunk's crc on its own destination buffer after copying the
 frame in, so the combined value is exactly the crc32 of the buffer it will load, checked against
-the manifest's in ``to_store``. ``check_manifest`` rejects an inconsistent manifest with
+the manifest's in ``to_store`` (a shared-memory partial checks the frame, then write(2) copies it). ``check_manifest`` rejects an inconsistent manifest with
 ValueError, so a bad source cannot crash a puller.
+
+Shared memory (``bus.shm``): with ``shared=True`` a store's (or a partial's) buffer is a file in
+``/dev/shm`` that same-host pullers map instead of pulling (``GetShared``); when tmpfs cannot hold
+it the buffer is private memory, as without the flag. ``WeightStore.shared`` is that file
+(owned, or attached from another process), or None.
 
 Serving these stores is ``bus.weight_server``; pulling them is ``bus.weight_pull``.
 """
@@ -24,9 +29,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bus import shm
 from bus.codec import dtype_name, numpy_dtype
 from bus.crc import combine_chunks, crc32
 from bus.messages import ALLOWED_DTYPES, CHUNK_BYTES, Manifest, TensorMeta
+from common.log import get_logger
+
+log = get_logger(component="bus.weights")
 
 ALIGN = 64
 
@@ -38,6 +47,18 @@ def n_chunks(m: Manifest) -> int:
 def chunk_range(m: Manifest, i: int) -> tuple[int, int]:
     start = i * m.chunk_bytes
     return start, min(start + m.chunk_bytes, m.total_bytes)
+
+
+def allocate(nbytes: int, shared: bool) -> tuple[np.ndarray, "shm.SharedBuffer | None"]:
+    """A uint8 buffer of `nbytes`: a read-only view of a shared-memory file (filled through
+    ``SharedBuffer.write``) if asked and tmpfs can hold it, else private writable memory."""
+    if shared and shm.available():
+        try:
+            buf = shm.take(nbytes)
+            return buf.array, buf
+        except OSError as e:  # full or small tmpfs: private memory, same semantics
+            log.warning("shm.unavailable", nbytes=nbytes, error=str(e)[:120])
+    return np.empty(nbytes, dtype=np.uint8), None
 
 
 def check_manifest(m: Manifest, max_bytes: int = 1 << 40) -> None:
@@ -62,6 +83,7 @@ class WeightStore:
 
     manifest: Manifest
     buffer: np.ndarray
+    shared: "shm.SharedBuffer | None" = None  # the buffer's /dev/shm file, if it lives in one
 
     @property
     def version(self) -> int:
@@ -71,13 +93,15 @@ class WeightStore:
     def n_chunks(self) -> int:
         return n_chunks(self.manifest)
 
+    complete = True  # as PartialStore.complete: every chunk is there
+
     @classmethod
     def from_arrays(cls, version: int, arrays: Sequence[tuple[str, np.ndarray]],
-                    chunk_bytes: int = CHUNK_BYTES,
-                    dtype_names: dict[str, str] | None = None) -> "WeightStore":
-        """Lay `arrays` out in order at 64-byte aligned offsets of one zeroed uint8 buffer and
-        checksum it. A tensor's dtype tag is `dtype_names[name]` if given (e.g. "bfloat16" for
-        uint16 bits), else the array's own (see ``codec.dtype_name``)."""
+                    chunk_bytes: int = CHUNK_BYTES, dtype_names: dict[str, str] | None = None,
+                    shared: bool = False) -> "WeightStore":
+        """Lay `arrays` out in order at 64-byte aligned offsets of one uint8 buffer (padding zeroed;
+        in shared memory if `shared`) and checksum it. A tensor's dtype tag is `dtype_names[name]`
+        if given (e.g. "bfloat16" for uint16 bits), else the array's own (``codec.dtype_name``)."""
         metas, offset = [], 0
         for name, arr in arrays:
             tag = (dtype_names or {}).get(name) or dtype_name(arr)
@@ -86,14 +110,20 @@ class WeightStore:
             offset = -(-offset // ALIGN) * ALIGN
             metas.append(TensorMeta(name, tag, [int(d) for d in arr.shape], offset, int(arr.nbytes)))
             offset += arr.nbytes
-        buffer = np.zeros(offset, dtype=np.uint8)
+        buffer, shared_buf = allocate(offset, shared)
+        end = 0
         for (_, arr), meta in zip(arrays, metas):
             flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-            buffer[meta.offset:meta.offset + meta.nbytes] = flat
+            if shared_buf is not None:  # a fresh file reads zeros in the padding already
+                shared_buf.write(meta.offset, flat)
+            else:
+                buffer[end:meta.offset] = 0
+                buffer[meta.offset:meta.offset + meta.nbytes] = flat
+            end = meta.offset + meta.nbytes
         crcs = [crc32(buffer[i:i + chunk_bytes]) for i in range(0, offset, chunk_bytes)]
         checksum = combine_chunks(crcs, chunk_bytes, offset)
         manifest = Manifest(version, metas, offset, chunk_bytes, crcs, checksum)
-        return cls(manifest, buffer)
+        return cls(manifest, buffer, shared_buf)
 
     @classmethod
     def from_buffer(cls, manifest: Manifest, buffer: np.ndarray) -> "WeightStore":
@@ -121,10 +151,10 @@ class WeightStore:
 class PartialStore:
     """A version being received: chunks arrive in any order, each checked against its crc."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, shared: bool = False):
         check_manifest(manifest)
         self.manifest = manifest
-        self.buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
+        self.buffer, self.shared = allocate(manifest.total_bytes, shared)
         self._crcs = [0] * n_chunks(manifest)
         self._have = [False] * n_chunks(manifest)
         self._count = 0
@@ -163,11 +193,17 @@ class PartialStore:
         src = np.frombuffer(data, dtype=np.uint8)
         if src.nbytes != end - start:
             return False
-        dest = self.buffer[start:end]
-        dest[:] = src  # the one unavoidable copy: frame → destination
-        crc = crc32(dest)
-        if crc != self.manifest.chunk_crcs[i]:
-            return False
+        if self.shared is not None:  # crc on the frame, then the kernel copies it into the file
+            crc = crc32(src)
+            if crc != self.manifest.chunk_crcs[i]:
+                return False
+            self.shared.write(start, src)
+        else:
+            dest = self.buffer[start:end]
+            dest[:] = src  # the one unavoidable copy: frame → destination
+            crc = crc32(dest)  # on the destination: exactly the bytes that will be loaded
+            if crc != self.manifest.chunk_crcs[i]:
+                return False
         with self._cond:
             self._crcs[i] = crc
             self._have[i] = True
@@ -194,4 +230,4 @@ class PartialStore:
         m = self.manifest
         if combine_chunks(self._crcs, m.chunk_bytes, m.total_bytes) != m.checksum:
             raise ValueError("whole-buffer checksum mismatch")
-        return WeightStore(m, self.buffer)
+        return WeightStore(m, self.buffer, self.shared)

@@ -34,6 +34,10 @@ class BusConfig(Section):
     """A weight chunk not answered within this is requested again from another source."""
     relay_fanout: int = Field(2, ge=1, le=64)
     """Most pullers one weight source (learner or relay) serves for one version."""
+    shared_memory: bool = True
+    """Weight versions live in /dev/shm, and an actor on the host of its source (learner or relay)
+    maps the source's copy instead of pulling it: one transfer and one copy in memory per node.
+    A source also keeps the next version's buffer allocated in advance (see bus/shm.py)."""
     curve_dir: str | None = None
     """Directory of CurveZMQ keys (made by `or1 keys`); None = plaintext. See docs/security."""
 

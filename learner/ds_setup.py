@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +33,25 @@ def prepare_environment() -> None:
 
 def init_distributed() -> tuple[int, int]:
     """Join (or start) the process group: env:// from torchrun/deepspeed, or a one-process group
-    on a free local port when no launcher set RANK/WORLD_SIZE. gloo on CPU, nccl on GPU."""
+    on an in-memory store when no launcher set RANK/WORLD_SIZE (no port to pick: a free port found
+    by binding and releasing it can be taken by another process before the store listens on it,
+    which was seen when an actor started beside the learner). gloo on CPU, nccl on GPU."""
     prepare_environment()
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("LOCAL_RANK", "0")
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
         acc = get_accelerator()
+        alone = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ
+        if alone:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("LOCAL_RANK", "0")
         if acc.device_name() != "cpu":
             acc.set_device(int(os.environ["LOCAL_RANK"]))
+        if alone:  # DeepSpeed adopts a process group that is already up
+            dist.init_process_group(acc.communication_backend_name(), store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size()
 
@@ -227,9 +229,3 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

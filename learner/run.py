@@ -207,7 +207,7 @@ def publish(group, weights, version: int, cfg: Config) -> None:
 
     exported = group.export_weights(cfg.learner.trainer.weights_dtype)
     store = WeightStore.from_arrays(version, [(n, a) for n, a, _ in exported], chunk_bytes=cfg.bus.chunk_bytes,
-                                    dtype_names={n: d for n, _, d in exported})
+                                    dtype_names={n: d for n, _, d in exported}, shared=cfg.bus.shared_memory)
     weights.publish(store)
 
 

@@ -16,6 +16,7 @@ scheduler's buffer with their rewards; every scheduler event goes to the ledger.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -64,7 +65,8 @@ class LearnerService:
         self.published_version = scheduler.version
         self.finished = False
         self.server: Server | None = None
-        self.sources = WeightSources(weights_endpoint, cfg.bus.relay_fanout)
+        self.sources = WeightSources(weights_endpoint, cfg.bus.relay_fanout, learner_host=socket.gethostname(),
+                                     shared=cfg.bus.shared_memory)
         self.dispatcher = ScoreDispatcher(self._send, self._on_scores, timeout_s=cfg.learner.score_timeout_s)
         self._scoring: dict[int, Accepted] = {}
         self._window = {"len": 0.0, "trunc": 0.0, "samples": 0.0}
@@ -151,7 +153,7 @@ class LearnerService:
         version = self.published_version if msg.version < 0 else msg.version
         if version > self.published_version:
             return Error(ERR_NOT_FOUND, f"version {version} not published yet (latest {self.published_version})")
-        endpoint, source_id = self.sources.choose(version, peer.worker_id, self._relays())
+        endpoint, source_id = self.sources.choose(version, peer.worker_id, self._relays(), peer.host)
         log.info("weights.source", peer=peer.worker_id, version=version, source=source_id, endpoint=endpoint)
         return WeightSource(version=version, endpoint=endpoint, source_id=source_id)
 
@@ -161,7 +163,7 @@ class LearnerService:
             if p.role == ROLE_ACTOR and p.hello.relay_endpoint:
                 have = int(p.stats.get("weights/have_version", p.weight_version))
                 recv = int(p.stats.get("weights/receiving_version", -1))
-                out.append(RelayView(p.worker_id, p.hello.relay_endpoint, have, recv))
+                out.append(RelayView(p.worker_id, p.hello.relay_endpoint, have, recv, p.host))
         return out
 
     # --- reward workers -----------------------------------------------------------------------

@@ -7,6 +7,11 @@ count when it reports the version as held (heartbeat), dies, asks again, or afte
 a whole version rarely takes longer; without it, fast steps would keep the learner's slots "busy"
 with children that finished long ago but have not heartbeated yet). The learner is preferred while it
 has room (it has the whole buffer at once); then the relay with the fewest children.
+
+Same host first (``shared``, i.e. ``bus.shared_memory``): a requester on the learner's host is sent
+to the learner, and one on a relay's host to that relay (one holding the version before one still
+receiving it), whatever their load: a same-host source hands the version over as a shared-memory
+file (``bus.shm``), so no bytes cross the network and a node of N actors costs one transfer.
 """
 
 from __future__ import annotations
@@ -26,20 +31,24 @@ class RelayView:
     endpoint: str
     have_version: int  # newest complete version it can serve
     receiving_version: int  # version it is pulling now (-1 = none)
+    host: str = ""  # its Hello's host ("" = unknown: never treated as same-host)
 
 
 class WeightSources:
     def __init__(self, learner_endpoint: str, fanout: int, ttl_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, learner_host: str = "", shared: bool = False):
         self.learner_endpoint = learner_endpoint
         self.fanout = fanout
+        self.learner_host = learner_host
+        self.shared = shared
         self.ttl_s = ttl_s
         self.clock = clock
         self._children: dict[tuple[str, int], set[str]] = {}
+        self._local: set[str] = set()  # children of a same-host source: tracked (no cycles), not load
         self._since: dict[str, float] = {}  # child -> when it was last assigned
 
-    def choose(self, version: int, requester: str, relays: list[RelayView]) -> tuple[str, str]:
-        """(endpoint, source_id) for `requester` to pull `version` from."""
+    def choose(self, version: int, requester: str, relays: list[RelayView], host: str = "") -> tuple[str, str]:
+        """(endpoint, source_id) for `requester` (on `host`) to pull `version` from."""
         now = self.clock()
         for child in [c for c, t in self._since.items() if now - t > self.ttl_s]:
             self._forget_child(child)
@@ -49,15 +58,30 @@ class WeightSources:
             if r.worker_id != requester and r.endpoint and version in (r.have_version, r.receiving_version)
             and not self._is_descendant(r.worker_id, requester, version)
         ]
-        load = {sid: len(self._children.get((sid, version), ())) for sid, _ in candidates}
-        if load[LEARNER_ID] < self.fanout:
+        load = {sid: len(self._children.get((sid, version), set()) - self._local) for sid, _ in candidates}
+        local = self._same_host(version, host, relays, {sid for sid, _ in candidates})
+        if local is not None:
+            sid, ep = local
+        elif load[LEARNER_ID] < self.fanout:
             sid, ep = candidates[0]
         else:
             open_ = [(load[sid], sid, ep) for sid, ep in candidates[1:] if load[sid] < self.fanout]
             _, sid, ep = min(open_) if open_ else (0, LEARNER_ID, self.learner_endpoint)
         self._children.setdefault((sid, version), set()).add(requester)
         self._since[requester] = now
+        if local is not None:
+            self._local.add(requester)
         return ep, sid
+
+    def _same_host(self, version: int, host: str, relays: list[RelayView],
+                   allowed: set[str]) -> tuple[str, str] | None:
+        if not (self.shared and host):
+            return None
+        if host == self.learner_host:
+            return LEARNER_ID, self.learner_endpoint
+        local = sorted((r.have_version != version, r.worker_id, r.endpoint) for r in relays
+                       if r.host == host and r.worker_id in allowed)
+        return (local[0][1], local[0][2]) if local else None
 
     def done(self, worker_id: str, held_version: int) -> None:
         """A child that holds `held_version` no longer loads its source for it (or older ones)."""
@@ -78,6 +102,7 @@ class WeightSources:
 
     def _forget_child(self, worker_id: str) -> None:
         self._since.pop(worker_id, None)
+        self._local.discard(worker_id)
         for key, kids in list(self._children.items()):
             kids.discard(worker_id)
             if not kids:

@@ -52,6 +52,10 @@ def sample_messages() -> list[M.Message]:
                    chunk_bytes=8, chunk_crcs=[1, 2], checksum=3),
         M.GetChunk(version=3, index=1),
         M.Chunk(version=3, index=1, data=np.arange(5000, dtype=np.uint8)),
+        M.GetShared(version=3, host="node1/boot"),
+        M.Shared(path="/dev/shm/or1-w-1-2-ab", manifest=M.Manifest(
+            version=3, tensors=[M.TensorMeta("w", "float32", [2], 0, 8)], total_bytes=8, chunk_bytes=8,
+            chunk_crcs=[1], checksum=1)),
         M.Status(),
         M.StatusReply(run_id="r", epoch=1, version=2, max_staleness=0,
                       fleet=[M.PeerInfo("actor", "a", "h", 1, 0, 3.5, 0.2, leases=1)], queues={"q": 1},

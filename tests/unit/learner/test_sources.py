@@ -53,3 +53,23 @@ def test_slots_expire_after_ttl():
     assert ws.choose(1, "b", rs)[1] == "a"  # the learner's one slot is taken
     now[0] = 6.0  # a finished long ago without a heartbeat yet: its slot is free again
     assert ws.choose(1, "b", rs)[1] == LEARNER_ID
+
+
+def test_same_host_source_first_and_outside_the_fanout():
+    """With shared memory, a requester on a source's host maps the version there: the learner for
+    its own host, else a same-host relay (one holding the version before one still receiving), and
+    such children do not take the slots that remote pullers need."""
+    ws = WeightSources("tcp://learner:5556", fanout=1, learner_host="L", shared=True)
+    rs = [RelayView("a", "tcp://a:1", -1, 1, host="n1"), RelayView("b", "tcp://b:1", 1, -1, host="n1"),
+          RelayView("c", "tcp://c:1", -1, 1, host="n2")]
+    assert ws.choose(1, "x", rs, host="L")[1] == LEARNER_ID
+    assert ws.choose(1, "y", rs, host="L")[1] == LEARNER_ID  # beyond the fanout of 1: same host
+    assert ws.choose(1, "z", rs, host="n3")[1] == LEARNER_ID  # the learner's one remote slot is still free
+    assert ws.choose(1, "d", rs, host="n1")[1] == "b"  # holds version 1 (a is still receiving it)
+    assert ws.choose(1, "e", rs, host="n1")[1] == "b"
+    assert ws.choose(1, "a", rs, host="n1")[1] == "b"  # a relay too: b is not its descendant
+    assert ws.choose(1, "b", rs, host="n1")[1] != "a"  # ... and b never pulls from its own child a
+    # shared memory off: the plain tree
+    plain = WeightSources("tcp://learner:5556", fanout=1, learner_host="L", shared=False)
+    assert plain.choose(1, "x", rs, host="L")[1] == LEARNER_ID
+    assert plain.choose(1, "y", rs, host="L")[1] != LEARNER_ID

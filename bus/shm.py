@@ -1,0 +1,253 @@
+"""Weight buffers in shared memory: processes on one host hold one copy of a version and map it.
+
+A weight source (the learner, a relay actor) may keep a version's flat buffer in a file under
+``/dev/shm`` (tmpfs). A puller on the same host then asks for it (``GetShared`` → ``Shared``, see
+``bus.weight_server``) and maps the file read-only instead of receiving every chunk over TCP: a
+version reaches N actors of one node at the cost of one transfer, and the node's memory holds one
+copy of it instead of N.
+
+- ``SharedBuffer.create(nbytes)`` makes the file (refused with OSError when tmpfs has not that much
+  free: Docker's default ``/dev/shm`` is 64 MB; the caller then uses private memory) and maps it
+  read-only; the owner fills it with ``write`` (pwrite(2)), never through the mapping, so a tmpfs
+  that fills up meanwhile fails that write with ENOSPC instead of killing the process with SIGBUS.
+- ``take(nbytes)`` / ``prepare(nbytes)``: a process that serves versions (learner, relay) makes the
+  next version's buffer (pages allocated) on a low-priority thread once it publishes one, so the
+  transfer of the next version only copies.
+- ``attach(path, nbytes)`` maps a file another process made, read-only. It fails (OSError) when the
+  file is gone (its owner dropped the version) or has another size; the puller then falls back to
+  chunks over TCP.
+- The owner unlinks the file when its source drops the version, when the buffer is garbage
+  collected, or at exit; processes that mapped it keep their pages until they drop them (POSIX).
+  File names carry the owner's pid and pid namespace, so ``sweep()`` can remove the files of owners
+  killed without cleaning up (SIGKILL, OOM), and never those of another namespace's live processes.
+- ``host_id()`` names this host's shared memory (hostname + boot id). Two containers on one host
+  share the boot id but maybe not ``/dev/shm``: that case is caught by ``attach`` (no such file).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import queue
+import re
+import secrets
+import socket
+import threading
+import weakref
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+SHM_DIR = Path("/dev/shm")
+_PREFIX = "or1-w-"
+_NAME = re.compile(rf"^{_PREFIX}(\d+)-(\d+)-[0-9a-f]+$")  # namespace, pid, random
+
+
+@lru_cache(maxsize=1)
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+@lru_cache(maxsize=1)
+def host_id() -> str:
+    """Names this host's shared memory: hostname plus the kernel's boot id (Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def available(shm_dir: Path = SHM_DIR) -> bool:
+    return shm_dir.is_dir() and os.access(shm_dir, os.W_OK)
+
+
+class SharedBuffer:
+    """A file in shared memory and a read-only uint8 numpy view of it. The owner (its creator)
+    fills it with `write` and unlinks it (`unlink()`, garbage collection or exit); attached
+    buffers only unmap."""
+
+    def __init__(self, path: Path, array: np.ndarray, fd: int | None):
+        self.path = path
+        self.array = array
+        self._fd = fd
+        # the finalizer holds only path and fd: the array (and its mapping) may outlive this object
+        self._finalizer = weakref.finalize(self, _release, path, fd) if fd is not None else None
+
+    @property
+    def owner(self) -> bool:
+        return self._fd is not None
+
+    @classmethod
+    def create(cls, nbytes: int, shm_dir: Path = SHM_DIR, reserve: bool = False) -> "SharedBuffer":
+        """A new zero-filled buffer of `nbytes`; OSError when tmpfs has not that much free. With
+        `reserve`, its pages are allocated now (posix_fallocate), so `write` later only copies."""
+        st = os.statvfs(shm_dir)
+        if st.f_bavail * st.f_frsize < nbytes:
+            raise OSError(errno.ENOSPC, f"{shm_dir} has {st.f_bavail * st.f_frsize} bytes free, {nbytes} needed")
+        path = shm_dir / f"{_PREFIX}{_pid_namespace()}-{os.getpid()}-{secrets.token_hex(6)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)  # holes read as zeros; pages are allocated as `write` fills them
+            if reserve and nbytes:
+                os.posix_fallocate(fd, 0, nbytes)
+            array = _map(fd, nbytes)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return cls(path, array, fd)
+
+    def write(self, offset: int, data: Any) -> None:
+        """Copy `data` (any buffer) into the file at `offset`. Through write(2), not the mapping:
+        tmpfs running out of pages fails here with OSError(ENOSPC) instead of killing the process
+        with SIGBUS, and the kernel copies into its pages without a page fault per 4 KB."""
+        assert self._fd is not None, "only the owner writes"
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def unlink(self) -> None:
+        """Remove the file now (owners only): no new attach; existing mappings stay valid."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+_spare: SharedBuffer | None = None
+_spare_lock = threading.Lock()
+_preparing = False
+_swept = False
+
+
+def take(nbytes: int) -> SharedBuffer:
+    """A new buffer of `nbytes`: the spare made in advance by `prepare` if it has that size. The
+    first call of a process also sweeps the files of dead owners."""
+    global _spare, _swept
+    if not _swept:
+        _swept = True
+        sweep()
+    with _spare_lock:
+        buf, _spare = (_spare, None) if _spare is not None and _spare.array.nbytes == nbytes else (None, _spare)
+    return buf if buf is not None else SharedBuffer.create(nbytes)
+
+
+def prepare(nbytes: int) -> None:
+    """Make a spare buffer of `nbytes` for `take`, in the background (`later`). Why: allocating
+    tmpfs pages costs about as much as copying into them (4 KB pages: tmpfs gets no huge pages
+    here), and a model's next version has the same size, so the allocation is done while the
+    process generates or trains rather than while the next version streams in. Costs one version
+    of /dev/shm per process that serves versions."""
+    global _preparing
+    with _spare_lock:
+        if _preparing or (_spare is not None and _spare.array.nbytes == nbytes):
+            return
+        _preparing = True
+    later(_make_spare, nbytes)
+
+
+def _make_spare(nbytes: int) -> None:
+    global _spare, _preparing
+    try:
+        buf = SharedBuffer.create(nbytes, reserve=True)
+    except OSError:  # no room: `take` will try (and fail or succeed) on its own
+        buf = None
+    with _spare_lock:
+        old, _spare, _preparing = _spare, buf or _spare, False
+    if buf is not None and old is not None:
+        old.unlink()
+
+
+_chores: "queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]]" = queue.SimpleQueue()
+_chore_thread: threading.Thread | None = None
+
+
+def later(fn: Callable[..., Any], *args: Any) -> None:
+    """Run `fn(*args)` on this process's housekeeping thread, at the lowest CPU priority. For work
+    such as making a spare buffer or unlinking a dropped version (tmpfs frees 256 MB of 4 KB pages
+    in about 45 ms of CPU here): it must not compete with the transfer of the next version, so it
+    runs when the CPU would otherwise idle."""
+    global _chore_thread
+    with _spare_lock:
+        if _chore_thread is None:
+            _chore_thread = threading.Thread(target=_do_chores, name="shm-chores", daemon=True)
+            _chore_thread.start()
+    _chores.put((fn, args))
+
+
+def _do_chores() -> None:
+    try:  # Linux: a thread id names the thread alone
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (OSError, AttributeError):
+        pass
+    while True:
+        fn, args = _chores.get()
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 — housekeeping must never take the process down
+            pass
+
+
+def _map(fd: int, nbytes: int) -> np.ndarray:
+    if not nbytes:
+        return np.empty(0, dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ), dtype=np.uint8)  # read-only
+
+
+def attach(path: str, nbytes: int) -> SharedBuffer:
+    """Map another process's buffer read-only; OSError if it is gone or not `nbytes` long."""
+    p = Path(path)
+    if p.parent != SHM_DIR or not _NAME.match(p.name):
+        raise OSError(f"{path} is not an or1 shared-memory buffer")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size != nbytes:
+            raise OSError(f"{path} holds {size} bytes, expected {nbytes}")
+        array = _map(fd, nbytes)
+    finally:
+        os.close(fd)
+    return SharedBuffer(p, array, None)
+
+
+def sweep(shm_dir: Path = SHM_DIR) -> int:
+    """Unlink buffers whose owner process is gone; returns how many."""
+    removed = 0
+    try:
+        entries = list(shm_dir.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        m = _NAME.match(entry.name)
+        if m and int(m.group(1)) == _pid_namespace() and not _alive(int(m.group(2))):
+            removed += _unlink(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _release(path: Path, fd: int) -> None:
+    os.close(fd)
+    _unlink(path)
+
+
+def _unlink(path: Path) -> int:
+    try:
+        os.unlink(path)
+        return 1
+    except FileNotFoundError:
+        return 0
