@@ -6,6 +6,10 @@ trains every step with nothing lost or trained twice.
     then:        actor0 SIGKILL   → the learner declares it dead, requeues its leases
                  rw0 SIGKILL      → its score requests go to rw1
     the run completes all its steps; the ledger invariants hold (e2e_support.check_ledger).
+
+Shared memory is off here: every process shares this host, so with it on each version would be
+mapped from the learner's /dev/shm copy, and the TCP relay tree (and its failover when a relaying
+actor is killed) would go untested between real processes.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ MIN_STEPS_AFTER_KILLS = 5
 
 
 def test_actors_and_reward_workers_join_and_die_mid_run(tmp_path, tiny_model_dir):
-    cfg, path = small_config(tmp_path, tiny_model_dir, steps=STEPS, eta=ETA, batch=B)
+    cfg, path = small_config(tmp_path, tiny_model_dir, steps=STEPS, eta=ETA, batch=B,
+                             extra=("bus.shared_memory=false",))
     fleet = make_fleet(tmp_path, cfg, path)
     try:
         fleet.learner()
@@ -45,6 +50,8 @@ def test_actors_and_reward_workers_join_and_die_mid_run(tmp_path, tiny_model_dir
         loaded = log_events(fleet.log("actor2"), "weights.loaded")
         assert welcome and loaded, fleet.tail("actor2")
         assert loaded[0]["version"] >= welcome[0]["version"] >= 2, (welcome[0], loaded[0])
+        pulled = log_events(fleet.log("actor2"), "weights.pulled")
+        assert pulled and not any(e["shared"] for e in pulled), pulled[:3]  # over TCP: shared memory is off
 
         step_at_kill = last_step(fleet)
         assert step_at_kill <= STEPS - 2 * MIN_STEPS_AFTER_KILLS, "the run nearly ended before the kills"
