@@ -9,10 +9,12 @@ destination (the partial's buffer) and checked there, on a verifier thread, so t
 thread keeps the pipe full meanwhile.
 
 Same host (``bus.shm``): unless told not to (``shared=False``, or a ``partial`` to fill), ``pull``
-receives into shared memory, and first asks the source for the version in shared memory (GetShared). A source on this host that
-keeps it in ``/dev/shm`` answers with the file, which is mapped read-only: no bytes move. Any other
-answer (another host, a private buffer, a file already gone, no answer within
-``shared_timeout_s``) costs one round trip and the chunks are pulled as usual.
+first asks the source, on the connection it then pulls chunks over, for the version in shared
+memory (GetShared). A source on this host that keeps it in ``/dev/shm`` answers with the file,
+which is mapped read-only: no bytes move. Any other answer (another host, a private buffer, a file
+already gone, no answer within ``shared_timeout_s``) costs one round trip, and the chunks are
+pulled as usual into private memory: only a process that serves what it pulls (a relay, which
+brings its own ``partial``) keeps it in ``/dev/shm``.
 
 ``fetch_manifest`` asks one source for a manifest alone (e.g. to create the ``PartialStore`` a
 relay publishes before pulling into it).
@@ -44,7 +46,7 @@ from bus.messages import (
     Shared,
 )
 from bus import shm
-from bus.server import configure_socket, recv_frames, send_frames
+from bus.server import NOBLOCK, configure_socket, recv_frames, send_frames
 from bus.weights import PartialStore, WeightStore, check_manifest
 from common.log import get_logger
 
@@ -93,7 +95,12 @@ class _Puller:
             self.ctx.term()
 
     def send(self, msg: Message, rid: int = 0) -> None:
-        send_frames(self.sock, encode(msg, rid))
+        """Never blocks: a DEALER left with no pipe (a refused CURVE handshake, a dropped
+        connection) would wait forever; that source counts as timed out instead."""
+        try:
+            send_frames(self.sock, encode(msg, rid), NOBLOCK)
+        except zmq.Again:
+            raise TimeoutError(f"{self.endpoint}: no connection to send on") from None
 
     def recv(self, timeout: float) -> Message | None:
         """Next reply or None after `timeout` s; a malformed reply raises ProtocolError."""
@@ -122,12 +129,18 @@ def attach_shared(endpoint: str, version: int, timeout: float, curve: "CurveConf
     if not shm.available():
         return None
     with _Puller(endpoint, curve, max_message_bytes) as p:
-        p.send(GetShared(version, shm.host_id()))
-        try:
-            reply = p.recv(timeout)
-        except ProtocolError as e:
-            log.warning("bad shared reply", endpoint=endpoint, error=str(e)[:120])
-            return None
+        return _attach(p, version, timeout)
+
+
+def _attach(puller: _Puller, version: int, timeout: float) -> WeightStore | None:
+    try:
+        puller.send(GetShared(version, shm.host_id()))
+        reply = puller.recv(timeout)
+    except TimeoutError:  # no connection: the chunk path will find out and fail over
+        return None
+    except ProtocolError as e:
+        log.warning("bad shared reply", endpoint=puller.endpoint, error=str(e)[:120])
+        return None
     if not isinstance(reply, Shared) or version not in (-1, reply.manifest.version):
         return None
     try:
@@ -198,30 +211,31 @@ def pull(source: "str | Callable[[], str]", version: int, *, window: int = PULL_
     endpoint to use next, asked again whenever a source stalls or fails). Fills `partial` when given
     (a relay publishes it first). With `shared`, a same-host source's shared memory is mapped
     instead (waiting up to `shared_timeout_s`, default 3 × `chunk_timeout_s`, for a relay still
-    receiving), and a version pulled is received into shared memory (``bus.shm``: its buffer is
-    made in advance). Returns the verified store and `weights/*` metrics."""
+    receiving). Returns the verified store and `weights/*` metrics."""
     next_endpoint: Callable[[], str] = source if callable(source) else (lambda: source)  # type: ignore
     if partial is not None and version not in (-1, partial.version):
         raise ValueError(f"partial holds version {partial.version}, asked for {version}")
     t0 = time.perf_counter()
     stats = {"weights/retries": 0.0, "weights/bad_chunks": 0.0, "weights/shared": 0.0}
-    endpoint = next_endpoint()
-    if shared and partial is None:
-        timeout = 3 * chunk_timeout_s if shared_timeout_s is None else shared_timeout_s
-        store = attach_shared(endpoint, version, timeout, curve, max_message_bytes)
-        if store is not None:
-            stats.update({"weights/shared": 1.0, "weights/transfer_s": time.perf_counter() - t0,
-                          "weights/bytes": float(store.manifest.total_bytes)})
-            return store, stats
+    try_shared = shared and partial is None and shm.available()
     bad: dict[int, int] = {}
     ctx = zmq.Context(io_threads=1)
     verifier: _Verifier | None = None
     try:
+        endpoint = next_endpoint()
         while True:
             puller = _Puller(endpoint, curve, max_message_bytes, ctx)
             try:
+                if try_shared:  # first, on the same connection: a same-host source's copy
+                    try_shared = False
+                    attached = _attach(puller, version, 3 * chunk_timeout_s if shared_timeout_s is None
+                                       else shared_timeout_s)
+                    if attached is not None:
+                        stats["weights/shared"] = 1.0
+                        store = attached
+                        break
                 if partial is None:
-                    partial = PartialStore(puller.manifest(version, chunk_timeout_s), shared=shared)
+                    partial = PartialStore(puller.manifest(version, chunk_timeout_s))
                 verifier = verifier or _Verifier(partial)
                 _pull_chunks(puller, verifier, window, chunk_timeout_s, on_chunk, stats, bad, max_retries)
                 break
@@ -233,7 +247,8 @@ def pull(source: "str | Callable[[], str]", version: int, *, window: int = PULL_
                 endpoint = next_endpoint()
             finally:
                 puller.close()
-        store = partial.to_store()
+        if partial is not None:
+            store = partial.to_store()
     finally:
         if verifier is not None:
             verifier.close()

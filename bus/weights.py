@@ -31,7 +31,7 @@ import numpy as np
 
 from bus import shm
 from bus.codec import dtype_name, numpy_dtype
-from bus.crc import combine_chunks, crc32
+from bus.crc import combine_chunks, copy_crc, crc32
 from bus.messages import ALLOWED_DTYPES, CHUNK_BYTES, Manifest, TensorMeta
 from common.log import get_logger
 
@@ -199,9 +199,9 @@ class PartialStore:
                 return False
             self.shared.write(start, src)
         else:
-            dest = self.buffer[start:end]
-            dest[:] = src  # the one unavoidable copy: frame → destination
-            crc = crc32(dest)  # on the destination: exactly the bytes that will be loaded
+            # the one unavoidable copy, frame → destination, and the crc of the destination: exactly
+            # the bytes that will be loaded
+            crc = copy_crc(self.buffer[start:end], src)
             if crc != self.manifest.chunk_crcs[i]:
                 return False
         with self._cond:

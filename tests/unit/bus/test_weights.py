@@ -262,3 +262,14 @@ def test_weights_port_answers_bad_and_unexpected_messages(wserver: WeightServer)
         assert wserver.metrics["bus/bad_messages"] == 1
     finally:
         ctx.destroy(linger=0)
+
+
+def test_copy_crc_copies_and_checksums_in_blocks() -> None:
+    from bus.crc import COPY_BLOCK, copy_crc
+
+    rng = np.random.default_rng(3)
+    for n in (0, 1, COPY_BLOCK - 1, COPY_BLOCK, 3 * COPY_BLOCK + 17):
+        src = rng.integers(0, 256, n, dtype=np.uint8)
+        dest = np.zeros(n, dtype=np.uint8)
+        assert copy_crc(dest, src) == zlib.crc32(src.tobytes())
+        assert np.array_equal(dest, src)
