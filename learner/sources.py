@@ -6,7 +6,9 @@ Each source (learner or relay) gets at most `fanout` children per version; a chi
 count when it reports the version as held (heartbeat), dies, asks again, or after `ttl_s` (a pull of
 a whole version rarely takes longer; without it, fast steps would keep the learner's slots "busy"
 with children that finished long ago but have not heartbeated yet). The learner is preferred while it
-has room (it has the whole buffer at once); then the relay with the fewest children.
+has room (it has the whole buffer at once); then the relay with the fewest children. A relay counts
+as holding or receiving a version when its heartbeat says so, or as soon as this learner sent it to
+pull that version (versions may come faster than heartbeats).
 
 Same host first (``shared``, i.e. ``bus.shared_memory``): a requester on the learner's host is sent
 to the learner, and one on a relay's host to that relay (one holding the version before one still
@@ -53,9 +55,12 @@ class WeightSources:
         for child in [c for c, t in self._since.items() if now - t > self.ttl_s]:
             self._forget_child(child)
         self._forget_child(requester)
+        # a relay we sent to pull `version` is receiving it from then on: fresher than its heartbeat
+        assigned = {c for (_, v), kids in self._children.items() if v == version for c in kids}
         candidates = [(LEARNER_ID, self.learner_endpoint)] + [
             (r.worker_id, r.endpoint) for r in relays
-            if r.worker_id != requester and r.endpoint and version in (r.have_version, r.receiving_version)
+            if r.worker_id != requester and r.endpoint
+            and (version in (r.have_version, r.receiving_version) or r.worker_id in assigned)
             and not self._is_descendant(r.worker_id, requester, version)
         ]
         load = {sid: len(self._children.get((sid, version), set()) - self._local) for sid, _ in candidates}

@@ -7,9 +7,10 @@ trains every step with nothing lost or trained twice.
                  rw0 SIGKILL      → its score requests go to rw1
     the run completes all its steps; the ledger invariants hold (e2e_support.check_ledger).
 
-Shared memory is off here: every process shares this host, so with it on each version would be
-mapped from the learner's /dev/shm copy, and the TCP relay tree (and its failover when a relaying
-actor is killed) would go untested between real processes.
+Shared memory is off here and each source serves one child per version: every process shares
+this host, so with shared memory on each version would be mapped from the learner's /dev/shm copy,
+and the TCP relay tree (and its failover when a relaying actor is killed) would go untested
+between real processes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ MIN_STEPS_AFTER_KILLS = 5
 
 def test_actors_and_reward_workers_join_and_die_mid_run(tmp_path, tiny_model_dir):
     cfg, path = small_config(tmp_path, tiny_model_dir, steps=STEPS, eta=ETA, batch=B,
-                             extra=("bus.shared_memory=false",))
+                             extra=("bus.shared_memory=false", "bus.relay_fanout=1"))
     fleet = make_fleet(tmp_path, cfg, path)
     try:
         fleet.learner()
@@ -52,6 +53,12 @@ def test_actors_and_reward_workers_join_and_die_mid_run(tmp_path, tiny_model_dir
         assert loaded[0]["version"] >= welcome[0]["version"] >= 2, (welcome[0], loaded[0])
         pulled = log_events(fleet.log("actor2"), "weights.pulled")
         assert pulled and not any(e["shared"] for e in pulled), pulled[:3]  # over TCP: shared memory is off
+        # The learner's WeightSource answers: actor2 is sent to the learner or to a relay peer, and
+        # with one child per source, most versions reach someone through a relay
+        answers = log_events(fleet.log("learner"), "weights.source")
+        assert {e["source"] for e in answers if e["peer"] == "actor2"} <= {"learner", "actor0", "actor1"}
+        assert [e for e in answers if e["peer"] == "actor2"], "actor2 never asked where to pull"
+        assert any(e["source"] != "learner" for e in answers), "no version went through a relay"
 
         step_at_kill = last_step(fleet)
         assert step_at_kill <= STEPS - 2 * MIN_STEPS_AFTER_KILLS, "the run nearly ended before the kills"

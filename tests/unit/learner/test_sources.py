@@ -73,3 +73,12 @@ def test_same_host_source_first_and_outside_the_fanout():
     plain = WeightSources("tcp://learner:5556", fanout=1, learner_host="L", shared=False)
     assert plain.choose(1, "x", rs, host="L")[1] == LEARNER_ID
     assert plain.choose(1, "y", rs, host="L")[1] != LEARNER_ID
+
+
+def test_a_relay_sent_to_pull_a_version_serves_it_before_its_heartbeat_says_so():
+    ws = WeightSources("tcp://learner:5556", fanout=1)
+    silent = [RelayView(i, f"tcp://{i}:1", have_version=0, receiving_version=-1) for i in ("a", "b", "c")]
+    assert ws.choose(1, "a", silent)[1] == LEARNER_ID
+    assert ws.choose(1, "b", silent)[1] == "a"  # a is pulling 1: it was told to
+    assert ws.choose(1, "c", silent)[1] == "b"
+    assert ws.choose(2, "c", silent)[1] == LEARNER_ID  # nobody was sent to pull 2 yet
