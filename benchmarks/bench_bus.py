@@ -165,7 +165,7 @@ def bench_codec(ports: dict, client: Client, ctx: zmq.Context) -> dict[str, floa
     ack = ctx.socket(zmq.PULL)
     ack.connect(f"tcp://127.0.0.1:{ports['ack']}")
     out = {}
-    for label, size, n in (("codec_1mb", 1 << 20, 100), ("codec_16mb", 16 << 20, 8)):
+    for label, size, n in (("codec_1mb", 1 << 20, 300), ("codec_16mb", 16 << 20, 16)):
         msg = submit_of(size)
         frames = [memoryview(a) for g in msg.groups for s in g.samples for a in (s.token_ids, s.logprobs)]
         codec_raw(push, ack, frames, 5), codec_ours(client, msg, 5)  # warm up connections
