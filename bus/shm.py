@@ -77,8 +77,9 @@ class SharedBuffer:
         self.path = path
         self.array = array
         self._fd = fd
-        # the finalizer holds only path and fd: the array (and its mapping) may outlive this object
-        self._finalizer = weakref.finalize(self, _release, path, fd) if fd is not None else None
+        # the finalizer holds only path, fd and pid: the array (and its mapping) may outlive this
+        # object, and a forked child that exits must not unlink its parent's files
+        self._finalizer = weakref.finalize(self, _release, path, fd, os.getpid()) if fd is not None else None
 
     @property
     def owner(self) -> bool:
@@ -240,9 +241,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _release(path: Path, fd: int) -> None:
+def _release(path: Path, fd: int, owner_pid: int) -> None:
     os.close(fd)
-    _unlink(path)
+    if os.getpid() == owner_pid:
+        _unlink(path)
+
+
+def _after_fork_in_child() -> None:
+    """The spare and the housekeeping thread belong to the parent (its thread does not exist here)."""
+    global _spare, _preparing, _chore_thread, _chores
+    _spare, _preparing, _chore_thread, _chores = None, False, None, queue.SimpleQueue()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _unlink(path: Path) -> int:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
+from bus import shm
 from bus.codec import decode, encode
 from bus.messages import (
     CHUNK_TIMEOUT_S,
@@ -45,7 +46,6 @@ from bus.messages import (
     ProtocolError,
     Shared,
 )
-from bus import shm
 from bus.server import NOBLOCK, configure_socket, recv_frames, send_frames
 from bus.weights import PartialStore, WeightStore, check_manifest
 from common.log import get_logger

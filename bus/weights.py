@@ -9,8 +9,9 @@ Checksums (``bus.crc``): CRC-32 per chunk; the whole-buffer crc32 is not a secon
 bytes but ``crc32_combine`` of the chunk crcs. A ``PartialStore`` (a version being received, e.g.
 by a puller or a relay) takes each chunk's crc on its own destination buffer after copying the
 frame in, so the combined value is exactly the crc32 of the buffer it will load, checked against
-the manifest's in ``to_store`` (a shared-memory partial checks the frame, then write(2) copies it). ``check_manifest`` rejects an inconsistent manifest with
-ValueError, so a bad source cannot crash a puller.
+the manifest's in ``to_store`` (a shared-memory partial checks the frame, then write(2) copies it).
+``check_manifest`` rejects an inconsistent manifest with ValueError, so a bad source cannot crash a
+puller.
 
 Shared memory (``bus.shm``): with ``shared=True`` a store's (or a partial's) buffer is a file in
 ``/dev/shm`` that same-host pullers map instead of pulling (``GetShared``); when tmpfs cannot hold

@@ -217,3 +217,21 @@ def test_prepared_spare_is_taken_for_the_next_version_of_that_size() -> None:
     assert got is spare and shm._spare is None and not got.array.any()
     other.unlink()
     got.unlink()
+
+
+def test_a_forked_child_never_unlinks_its_parents_files() -> None:
+    buf = shm.SharedBuffer.create(4096)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child's finalizers run (as at its exit): they must leave the file alone
+            code = 1
+            try:
+                buf.unlink()
+                code = 0 if shm._spare is None and shm._chore_thread is None else 2
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert buf.path.exists()
+    finally:
+        buf.unlink()
+    assert not buf.path.exists()
