@@ -156,7 +156,7 @@ def _puller(conn, source: str, relay: bool, shared: bool) -> None:  # a child pr
         if server is not None:
             server.publish(store)
         t = time.time()
-        conn.send((t, store.verify(), stats["weights/shared"], stats["weights/transfer_s"]))
+        conn.send((t, store.verify(), stats["weights/shared"]))
         held = store  # the previous version goes, as an actor's does once the new one is loaded
     del held
     if server is not None:
@@ -207,11 +207,11 @@ class Fleet:
             if c not in self.relays:
                 c.send(version)
         done = [c.recv() for c in self.conns]
-        if not all(ok for _, ok, _, _ in done):
+        if not all(ok for _, ok, _ in done):
             raise RuntimeError("a puller's store failed verification")
-        if self.node and sum(shared for _, _, shared, _ in done) != self.pullers - 1:
+        if self.node and sum(shared for _, _, shared in done) != self.pullers - 1:
             raise RuntimeError("a same-host follower did not map the relay's shared memory")
-        return max(t for t, _, _, _ in done) - t0
+        return max(t for t, _, _ in done) - t0
 
     def close(self) -> None:
         for c in self.conns:
