@@ -32,9 +32,13 @@ def test_learner_sigkill_and_resume(tmp_path, tiny_model_dir):
     first = ckpt.checkpoint_dir(fleet.run_dir, EVERY)
     try:
         fleet.learner()
-        fleet.reward("rw0")
         fleet.actor("actor0")
         fleet.actor("actor1")
+        # No step can finish before a reward worker scores: start it once both actors hold weights,
+        # so a slow-starting actor cannot leave the other to finish the run before the kill.
+        wait_for(lambda: min(held(fleet).values()) >= 0, STARTUP_S, interval=0.1,
+                 what="both actors holding version 0")
+        fleet.reward("rw0")
         # Kill a step or two past the checkpoint, so the actors hold weights the resumed learner
         # never made (they must drop them) and the ledger has epoch-0 work that epoch 1 redoes.
         wait_for(lambda: (ckpt.is_complete(first) and min(held(fleet).values()) > EVERY)
