@@ -80,6 +80,10 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     a = cfg.actor
     worker_id = a.worker_id or default_worker_id("actor")
     setup_logging("actor", worker_id, log_format)
+    if cfg.bus.keep_frame_memory:
+        from bus.memory import keep_frame_memory
+
+        keep_frame_memory()
     stop = threading.Event()
     generating = {"now": False}
 

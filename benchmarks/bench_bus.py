@@ -5,7 +5,8 @@ the receiving side in another process (as in a deployment: learner and actors ar
 
 1. codec_1mb / codec_16mb: Submit messages (groups of samples whose token ids and logprobs add
    up to 1 MB / 16 MB) sent with ``Client.send`` to a ``Server`` whose handler counts them, vs the
-   same array frames as raw multipart PUSH → PULL. Throughput (bytes/s) ours / raw.
+   same array frames as raw multipart PUSH → PULL. Throughput (bytes/s) ours / raw, over rounds of
+   300 × 1 MB / 32 × 16 MB (each ~80 ms, longer than most of this host's hiccups).
 2. rpc: 1 KB ``Client.request(Set)`` → ``Server`` handler → ``SetReply`` (1 KB) round trips per
    second, vs raw REQ/REP echoing 1 KB.
 3. weights_256mb: ``pull`` of a 256 MB store from a ``WeightServer`` (new connection, manifest,
@@ -14,7 +15,9 @@ the receiving side in another process (as in a deployment: learner and actors ar
    chunk once into a destination buffer, with no checks at all.
 
 The raw baselines use pyzmq the ordinary way (send_multipart / recv_multipart, default copy
-threshold).
+threshold). Both processes start as or1's learner and actors do, with ``bus.memory.keep_frame_memory``
+(glibc keeps received frames' buffers mapped); the raw baselines run in the same processes, so they
+get it too. Run with ``GLIBC_TUNABLES=glibc.malloc.check=0`` to see both without it.
 
 The machine is shared, so each figure is the best of several interleaved rounds of ours and raw.
 Last line:
@@ -36,6 +39,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bus.client import Client  # noqa: E402
+from bus.memory import keep_frame_memory  # noqa: E402
 from bus.messages import (  # noqa: E402
     CHUNK_BYTES,
     PULL_WINDOW,
@@ -53,7 +57,7 @@ from bus.weight_pull import pull  # noqa: E402
 from bus.weight_server import WeightServer  # noqa: E402
 from bus.weights import WeightStore  # noqa: E402
 
-ROUNDS = 25  # interleaved rounds of ours and raw; each figure keeps the best (quietest) round of each
+ROUNDS = 40  # interleaved rounds of ours and raw; each figure keeps the best (quietest) round of each
 
 
 def best_of(ours: Callable[[], float], raw: Callable[[], float], rounds: int = ROUNDS) -> tuple[float, float]:
@@ -77,6 +81,7 @@ def _serve(conn) -> None:  # runs in a child process
     import logging
 
     logging.disable(logging.CRITICAL)
+    keep_frame_memory()  # as or1 learner and actor processes do at start
     received = {"n": 0, "bytes": 0}
     srv = Server("tcp://127.0.0.1:0", heartbeat_s=5.0)
 
@@ -165,7 +170,7 @@ def bench_codec(ports: dict, client: Client, ctx: zmq.Context) -> dict[str, floa
     ack = ctx.socket(zmq.PULL)
     ack.connect(f"tcp://127.0.0.1:{ports['ack']}")
     out = {}
-    for label, size, n in (("codec_1mb", 1 << 20, 300), ("codec_16mb", 16 << 20, 16)):
+    for label, size, n in (("codec_1mb", 1 << 20, 300), ("codec_16mb", 16 << 20, 32)):
         msg = submit_of(size)
         frames = [memoryview(a) for g in msg.groups for s in g.samples for a in (s.token_ids, s.logprobs)]
         codec_raw(push, ack, frames, 5), codec_ours(client, msg, 5)  # warm up connections
@@ -246,7 +251,7 @@ def bench_weights(ports: dict) -> float:
         del store  # freeing 256 MB is not timed, as raw_fetch's buffer is freed after its clock stops
         return elapsed
 
-    o, r = best_of(ours, lambda: raw_fetch(raw_ep, total), rounds=15)
+    o, r = best_of(ours, lambda: raw_fetch(raw_ep, total), rounds=25)
     print(f"weights_256mb: ours {total / o / 1e9:.2f} GB/s, raw {total / r / 1e9:.2f} GB/s")
     return r / o
 
@@ -255,6 +260,7 @@ def main() -> None:
     import logging
 
     logging.disable(logging.CRITICAL)
+    keep_frame_memory()
     mpc = mp.get_context("spawn")
     parent, child = mpc.Pipe()
     proc = mpc.Process(target=_serve, args=(child,), daemon=True)

@@ -34,6 +34,10 @@ DONE_GRACE_S = 3.0  # after the last step, keep answering so actors hear Wait(do
 def run(cfg: Config, log_format: str = "auto") -> int:
     rank = int(os.environ.get("RANK", "0"))
     setup_logging("learner", f"rank{rank}", log_format)
+    if cfg.bus.keep_frame_memory:
+        from bus.memory import keep_frame_memory
+
+        keep_frame_memory()
     lc = cfg.learner
     model_path = resolve_model(cfg)
     schedule_steps(cfg)
