@@ -82,12 +82,6 @@ def _signal(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,10 +14,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_given: set[int] = set()
+
+
+def ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range. A port that bind(0) hands out lies in
+    that range, and between this call and the bind of the process it is meant for, any bind(0) or
+    outgoing connection (gloo, a zmq DEALER, a vLLM actor) may be given it: seen in CI as the
+    learner's EADDRINUSE. Below the range, only an explicit bind can take it."""
+    lo, _ = ephemeral_range()
+    low = 10000 if lo > 12000 else 1024
+    for _ in range(200):
+        port = random.randrange(low, lo)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in [{low}, {lo})")
 
 
 def or1(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

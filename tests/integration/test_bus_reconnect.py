@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-import zmq
+from procs import free_port
 
 from bus import messages as M
 from bus.client import Client
@@ -66,14 +66,6 @@ class ServerProcess:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=10)
-
-
-def free_port() -> int:
-    with zmq.Context() as ctx:
-        s = ctx.socket(zmq.ROUTER)
-        port = s.bind_to_random_port("tcp://127.0.0.1")
-        s.close(0)
-    return port
 
 
 @pytest.mark.slow

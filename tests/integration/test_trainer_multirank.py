@@ -142,8 +142,10 @@ def tiny_model(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_ranks_three_micro_batches_match_one_batch(stage, tiny_model, tmp_path):
+    from procs import free_port  # here: this file also runs as the ranks' script, without tests/ on the path
+
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(HERE), "--stage", str(stage), "--model", str(tiny_model), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -167,14 +169,6 @@ def test_two_ranks_three_micro_batches_match_one_batch(stage, tiny_model, tmp_pa
     state = json.loads((tmp_path / "checkpoints" / "step_000001" / "or1_state.json").read_text())
     assert state["client_state"] == {"epoch": 3, "note": "x"} and state["version"] == 1
     assert result["loaded_client"] == {"epoch": 3, "note": "x"}  # and version back to 1 (checked above)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
