@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 _given: set[int] = set()
 
 
-def ephemeral_range() -> tuple[int, int]:
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (what bind(0) and outgoing connections use)."""
     try:
-        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return lo, hi
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_port() -> int:
@@ -30,7 +30,7 @@ def free_port() -> int:
     that range, and between this call and the bind of the process it is meant for, any bind(0) or
     outgoing connection (gloo, a zmq DEALER, a vLLM actor) may be given it: seen in CI as the
     learner's EADDRINUSE. Below the range, only an explicit bind can take it."""
-    lo, _ = ephemeral_range()
+    lo = ephemeral_low()
     low = 10000 if lo > 12000 else 1024
     for _ in range(200):
         port = random.randrange(low, lo)

@@ -35,7 +35,7 @@ print(faults() - before)
 
 
 def churn_faults(mode: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",) and not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", CHURN, mode], check=False, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
