@@ -69,11 +69,10 @@ def default_worker_id(prefix: str) -> str:
     return f"{prefix}-{socket.gethostname()}-{os.getpid()}"
 
 
-def relay_advertise(bind: str, advertise: str) -> str:
-    """The endpoint peers dial: the explicit one, else the bind address with * replaced by our host."""
-    if advertise or not bind:
-        return advertise
-    return bind.replace("*", socket.gethostname()).replace("0.0.0.0", socket.gethostname())
+def relay_advertise(bound: str, advertise: str) -> str:
+    """The relay endpoint sent in Hello: the explicit one, else the address it bound (a wildcard
+    host, which the learner replaces by the address it sees us at: bus/address.py)."""
+    return advertise if advertise or not bound else bound
 
 
 def run(cfg: Config, log_format: str = "auto") -> int:
@@ -98,6 +97,7 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
 
+    from bus import shm
     from bus.auth import client_curve, server_curve
     from bus.weight_server import WeightServer
 
@@ -110,14 +110,15 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     sync_box: list = []
 
     def hello() -> Hello:
-        return Hello(role=ROLE_ACTOR, worker_id=worker_id, host=socket.gethostname(), capacity=a.max_groups,
-                     weight_version=held["version"], relay_endpoint=relay_ep)
+        return Hello(role=ROLE_ACTOR, worker_id=worker_id, host=socket.gethostname(), host_id=shm.host_id(),
+                     capacity=a.max_groups, weight_version=held["version"], relay_endpoint=relay_ep)
 
     def heartbeat_stats() -> dict[str, float]:
         return stats.as_metrics(held["version"], sync_box[0].stats) if sync_box else {}
 
     client = Client(a.learner, hello, heartbeat_s=cfg.bus.heartbeat_s, liveness=cfg.bus.liveness,
-                    stats=heartbeat_stats, max_message_bytes=cfg.bus.max_message_bytes, curve=curve)
+                    stats=heartbeat_stats, max_message_bytes=cfg.bus.max_message_bytes, curve=curve,
+                    problem=lambda: sync_box[0].problem if sync_box else "", health_file=cfg.bus.health_file)
     log.info("actor.connecting", learner=a.learner)
     welcome = client.connect(timeout=None)
     model = a.model or welcome.model

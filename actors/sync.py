@@ -19,8 +19,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from bus.address import hint, resolve_advertised
 from bus.client import Client, RemoteError
-from bus.messages import WeightSource
+from bus.messages import SOURCE_LEARNER, WeightSource
 from bus.weight_pull import attach_shared, fetch_manifest, pull
 from bus.weight_server import WeightServer
 from bus.weights import PartialStore, WeightStore
@@ -50,6 +51,10 @@ class WeightSync:
         self.relay = relay
         self.held_version = -1  # version loaded into the engine (set by the run loop)
         self.stats = SyncStats()
+        self.problem = ""  # one line for `or1 status` while pulls keep failing ("" = fine)
+        self._failed_in_row = 0
+        self._endpoint = ""  # the source of the pull under way (for the error)
+        self._from_learner = True
         self._store: WeightStore | None = None
         self._want = -1
         self._handed = -1
@@ -121,26 +126,45 @@ class WeightSync:
             try:
                 store = self._pull(version)
             except Exception as e:  # a failed pull keeps the old weights; try again shortly
-                self.stats.failures += 1
-                log.warning("weights.pull_failed", version=version, error=str(e))
+                self._failed(version, e)
                 self._stop.wait(1.0)
                 continue
+            self._failed_in_row, self.problem = 0, ""
             with self._cv:
                 if self._store is None or store.manifest.version > self._store.manifest.version:
                     self._store = store
                 self._cv.notify_all()
 
+    def _failed(self, version: int, e: Exception) -> None:
+        """Count a failed pull; from the third in a row on, say loudly which endpoint failed and
+        which setting fixes it, in the log and (Heartbeat.problem) in `or1 status`."""
+        self.stats.failures += 1
+        self._failed_in_row += 1
+        fix = hint(self._endpoint, self._from_learner) if self._endpoint else "no weight source answered"
+        if self._failed_in_row >= 3:
+            self.problem = f"{self._failed_in_row} weight pulls failed: {fix}"
+            log.error("weights.pull_failing", version=version, endpoint=self._endpoint, error=str(e)[:200],
+                      failures=self._failed_in_row, fix=fix)
+        else:
+            log.warning("weights.pull_failed", version=version, endpoint=self._endpoint, error=str(e)[:200])
+
     def _source(self, version: int) -> str:
         reply = self.client.request(WeightSource(version=version), timeout=10.0)
         if not isinstance(reply, WeightSource) or not reply.endpoint:
             raise RemoteError("not_found", f"no source for version {version}")
+        if reply.source_id == SOURCE_LEARNER:
+            return self._learner_endpoint()
+        self._endpoint, self._from_learner = reply.endpoint, False
         return reply.endpoint
 
     def _learner_endpoint(self) -> str:
+        """The learner's weights endpoint as this host reaches it (bus/address.py)."""
         w = self.client.welcome
         if w is None or not w.weights_endpoint:
             raise RemoteError("not_found", "the learner announced no weights endpoint")
-        return w.weights_endpoint
+        self._endpoint = resolve_advertised(w.weights_endpoint, self.client.endpoint)
+        self._from_learner = True
+        return self._endpoint
 
     def _pull(self, version: int) -> WeightStore:
         """Pull `version` from the source the learner names; if that source fails (a relay that

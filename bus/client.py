@@ -30,6 +30,7 @@ from bus.messages import (
     HEARTBEAT_S,
     LIVENESS,
     MAX_MESSAGE_BYTES,
+    MAX_PROBLEM_CHARS,
     Error,
     Heartbeat,
     Hello,
@@ -71,6 +72,29 @@ class _Waiter:
 
 
 
+class HealthFile:
+    """A file whose mtime says "this process hears from the learner" (``bus.health_file``): touched
+    at most once a second by the client's I/O thread while its session is alive, so a liveness probe
+    (Kubernetes exec, a supervisor) reads its age. A write error is logged once, never raised."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._last = 0.0
+        self._warned = False
+
+    def touch(self, now: float) -> None:
+        if now - self._last < 1.0:
+            return
+        self._last = now
+        try:
+            with open(self.path, "a"):
+                os.utime(self.path)
+        except OSError as e:
+            if not self._warned:
+                self._warned = True
+                log.warning("health file not writable", path=self.path, error=str(e))
+
+
 class Client:
     def __init__(
         self,
@@ -82,6 +106,8 @@ class Client:
         stats: Callable[[], dict[str, float]] | None = None,
         curve: "CurveConfig | None" = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        problem: Callable[[], str] | None = None,
+        health_file: str = "",
     ):
         self.endpoint = endpoint
         self.heartbeat_s = heartbeat_s
@@ -95,6 +121,8 @@ class Client:
             ("bus/reconnects", "bus/bad_messages", "bus/errors", "bus/messages_in", "bus/messages_out"), 0.0)
         self._hello_fn = hello
         self._stats_fn = stats
+        self._problem_fn = problem
+        self._health = HealthFile(health_file) if health_file else None
         self._curve = curve
         self._ctx = zmq.Context(io_threads=1)
         self._lock = threading.Lock()
@@ -266,6 +294,8 @@ class Client:
                     fd = None if busy else s.fd
                     if busy:
                         timeout = min(timeout, _BUSY_POLL_S)
+                if self._health is not None and s.ready and now - s.last_heard < self.heartbeat_s * self.liveness:
+                    self._health.touch(now)
                 for w in callbacks:
                     self._run_welcome_callbacks(w)
                 if callbacks:
@@ -291,10 +321,11 @@ class Client:
         try:
             version = self._hello_fn().weight_version
             stats = {k: float(v) for k, v in (self._stats_fn() if self._stats_fn else {}).items()}
+            problem = self._problem_fn() if self._problem_fn else ""
         except Exception:  # noqa: BLE001 — a broken stats callback must not stop heartbeats
             log.exception("stats() failed")
-            version, stats = -1, {}
-        return Heartbeat(weight_version=version, stats=stats)
+            version, stats, problem = -1, {}, ""
+        return Heartbeat(weight_version=version, stats=stats, problem=problem[:MAX_PROBLEM_CHARS])
 
     def _run_welcome_callbacks(self, w: Welcome) -> None:
         for fn in self._welcome_cbs:

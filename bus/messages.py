@@ -34,6 +34,7 @@ MAX_MESSAGE_BYTES = 1 << 30  # zmq MAXMSGSIZE on every socket: a frame above thi
 MAX_ARRAY_ELEMENTS = 1 << 28  # largest array a header may declare
 MAX_FRAMES = 1 << 16  # most raw frames one message may carry
 MAX_HEADER_BYTES = 16 << 20  # the msgpack header itself
+MAX_PROBLEM_CHARS = 512  # Heartbeat.problem: one line of trouble, not a log
 INLINE_ARRAY_BYTES = 1024  # arrays below this go inline in the header (a frame per tiny array costs more)
 ALLOWED_DTYPES = ("uint8", "int8", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool")
 
@@ -59,6 +60,8 @@ ERR_UNKNOWN_LEASE = "unknown_lease"
 ERR_FORBIDDEN = "forbidden"
 ERR_NOT_FOUND = "not_found"
 ERR_INTERNAL = "internal"
+
+SOURCE_LEARNER = "learner"  # WeightSource.source_id of the learner itself (other ids are relay worker ids)
 
 WAIT_ADMISSION = "admission"  # the staleness bound admits no more groups now
 WAIT_WEIGHTS = "weights"  # pull newer weights first (min_version in the reply)
@@ -156,7 +159,9 @@ class PeerInfo:
     tokens_per_s: float
     last_seen_s: float
     leases: int = 0
-    relay_endpoint: str = ""
+    relay_endpoint: str = ""  # as other actors dial it (host filled in from the peer's address)
+    address: str = ""  # the address its connection comes from
+    problem: str = ""  # its last reported trouble (Heartbeat.problem)
 
 
 # --- session --------------------------------------------------------------------------------
@@ -169,7 +174,8 @@ class Hello(Message):
     TYPE: ClassVar[str] = "hello"
     role: str
     worker_id: str
-    host: str = ""
+    host: str = ""  # hostname, for people (status, logs); never used to decide anything
+    host_id: str = ""  # ``bus.shm.host_id()``: same value = same host and /dev/shm (shared-memory weights)
     capacity: int = 1
     weight_version: int = -1
     relay_endpoint: str = ""
@@ -202,6 +208,7 @@ class Heartbeat(Message):
     max_staleness: int = -1
     weight_version: int = -1
     stats: dict[str, float] = field(default_factory=dict)
+    problem: str = ""  # the client's current trouble in one line (e.g. weights it cannot pull), "" = none
 
 
 @dataclass
@@ -375,6 +382,7 @@ class Shared(Message):
     TYPE: ClassVar[str] = "shared"
     path: str
     manifest: Manifest
+    file_id: str = ""  # the file's device:inode at the source; the puller maps it only if its open file matches
 
 
 # --- admin ----------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ class Peer:
     joined: float
     weight_version: int
     stats: dict[str, float] = field(default_factory=dict)
+    address: str = ""  # the IP its Hello came from (libzmq's Peer-Address; "" for ipc/inproc)
+    problem: str = ""  # the last Heartbeat.problem
 
 
 Handler = Callable[[Peer, Message], "Message | None"]
@@ -119,6 +121,14 @@ def send_frames(sock: zmq.Socket, frames: list[Any], flags: int = 0) -> None:
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         sock.send(frame, flags | SNDMORE if i < last else flags, copy=False)
+
+
+def peer_address(frame: zmq.Frame) -> str:
+    """The IP address a received message came from over TCP ("" for ipc/inproc or if unknown)."""
+    try:
+        return frame.get("Peer-Address") or ""
+    except zmq.ZMQError:
+        return ""
 
 
 def recv_ready(sock: zmq.Socket) -> list[zmq.Frame] | None:
@@ -298,16 +308,16 @@ class Server:
             self._reply(identity, Error(ERR_BAD_MESSAGE, str(e)[:200]), 0)
             return
         try:
-            self._dispatch(identity, msg, rid)
+            if isinstance(msg, Hello):
+                self._hello(identity, msg, rid, peer_address(frames[1]))
+            else:
+                self._dispatch(identity, msg, rid)
         except Exception as e:  # noqa: BLE001 — a handler bug must not kill the loop
             self.metrics["bus/handler_errors"] += 1
             log.exception("handler failed", server=self.name, type=msg.TYPE)
             self._reply(identity, Error(ERR_INTERNAL, f"{type(e).__name__}: {e}"[:200]), rid)
 
     def _dispatch(self, identity: bytes, msg: Message, rid: int) -> None:
-        if isinstance(msg, Hello):
-            self._hello(identity, msg, rid)
-            return
         peer = self._by_identity.get(identity)
         if peer is None:
             if not isinstance(msg, (Bye, Error)):  # never answer an Error: no ping-pong
@@ -317,6 +327,7 @@ class Server:
         if isinstance(msg, Heartbeat):
             peer.stats = dict(msg.stats)
             peer.weight_version = msg.weight_version
+            peer.problem = msg.problem
             self._reply(identity, self._hb_reply(peer) if self._hb_reply else Heartbeat(), rid)
         elif isinstance(msg, Bye):
             log.info("peer said bye", server=self.name, worker_id=peer.worker_id, reason=msg.reason)
@@ -328,13 +339,14 @@ class Server:
         elif (out := handler(peer, msg)) is not None:
             self._reply(identity, out, rid)
 
-    def _hello(self, identity: bytes, hello: Hello, rid: int) -> None:
+    def _hello(self, identity: bytes, hello: Hello, rid: int, address: str = "") -> None:
         if hello.role not in ROLES or not hello.worker_id:
             self.metrics["bus/bad_messages"] += 1
             self._reply(identity, Error(ERR_BAD_MESSAGE, f"bad hello: role {hello.role!r}"), rid)
             return
         now = time.monotonic()
-        peer = Peer(identity, hello.role, hello.worker_id, hello.host, hello, now, now, hello.weight_version)
+        peer = Peer(identity, hello.role, hello.worker_id, hello.host, hello, now, now, hello.weight_version,
+                    address=address)
         answer = self._on_hello(peer) if self._on_hello else self._default_welcome()
         if isinstance(answer, Welcome):
             with self._lock:

@@ -20,8 +20,13 @@ copy of it instead of N.
   collected, or at exit; processes that mapped it keep their pages until they drop them (POSIX).
   File names carry the owner's pid and pid namespace, so ``sweep()`` can remove the files of owners
   killed without cleaning up (SIGKILL, OOM), and never those of another namespace's live processes.
-- ``host_id()`` names this host's shared memory (hostname + boot id). Two containers on one host
-  share the boot id but maybe not ``/dev/shm``: that case is caught by ``attach`` (no such file).
+- ``host_id()`` names this host's shared memory by what two distinct hosts cannot share: the
+  kernel's boot id (random per boot), the network namespace and the ``/dev/shm`` mount (its device
+  number). Hostnames are not used: namespaces, containers and cloned images share them. Two
+  network namespaces of one machine count as two hosts (the multi-host tests rely on it), and two
+  containers with their own ``/dev/shm`` as two hosts. As a last guard the source names the file's
+  identity (``SharedBuffer.file_id``: device and inode) and ``attach`` maps it only if the file it opens is that
+  one, so a lookalike path in another ``/dev/shm`` is never mapped: the puller pulls chunks instead.
 """
 
 from __future__ import annotations
@@ -56,12 +61,23 @@ def _pid_namespace() -> int:
 
 @lru_cache(maxsize=1)
 def host_id() -> str:
-    """Names this host's shared memory: hostname plus the kernel's boot id (Linux)."""
+    """Names this host's shared memory: boot id / network namespace / device of /dev/shm (Linux);
+    the hostname leads only to make it readable in logs."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
+        boot = "noboot"
+    try:
+        net = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        net = 0
+    try:
+        dev = os.stat(SHM_DIR).st_dev
+    except OSError:
+        dev = 0
+    return f"{socket.gethostname()}/{boot}/net{net}/shm{dev}"
+
+
 
 
 def available(shm_dir: Path = SHM_DIR) -> bool:
@@ -73,9 +89,10 @@ class SharedBuffer:
     fills it with `write` and unlinks it (`unlink()`, garbage collection or exit); attached
     buffers only unmap."""
 
-    def __init__(self, path: Path, array: np.ndarray, fd: int | None):
+    def __init__(self, path: Path, array: np.ndarray, fd: int | None, file_id: str = ""):
         self.path = path
         self.array = array
+        self.file_id = file_id  # device:inode, fixed at create/attach (the path may be unlinked later)
         self._fd = fd
         # the finalizer holds only path, fd and pid: the array (and its mapping) may outlive this
         # object, and a forked child that exits must not unlink its parent's files
@@ -99,11 +116,12 @@ class SharedBuffer:
             if reserve and nbytes:
                 os.posix_fallocate(fd, 0, nbytes)
             array = _map(fd, nbytes)
+            st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-        return cls(path, array, fd)
+        return cls(path, array, fd, f"{st.st_dev}:{st.st_ino}")
 
     def write(self, offset: int, data: Any) -> None:
         """Copy `data` (any buffer) into the file at `offset`. Through write(2), not the mapping:
@@ -201,20 +219,24 @@ def _map(fd: int, nbytes: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ), dtype=np.uint8)  # read-only
 
 
-def attach(path: str, nbytes: int) -> SharedBuffer:
-    """Map another process's buffer read-only; OSError if it is gone or not `nbytes` long."""
+def attach(path: str, nbytes: int, expect_id: str = "") -> SharedBuffer:
+    """Map another process's buffer read-only; OSError if it is gone, not `nbytes` long, or not
+    the file `expect_id` (``SharedBuffer.file_id``) names: the same path in another /dev/shm."""
     p = Path(path)
     if p.parent != SHM_DIR or not _NAME.match(p.name):
         raise OSError(f"{path} is not an or1 shared-memory buffer")
     fd = os.open(p, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size, fid = st.st_size, f"{st.st_dev}:{st.st_ino}"
+        if expect_id and fid != expect_id:
+            raise OSError(f"{path} is another file than the source's ({expect_id}): another /dev/shm")
         if size != nbytes:
             raise OSError(f"{path} holds {size} bytes, expected {nbytes}")
         array = _map(fd, nbytes)
     finally:
         os.close(fd)
-    return SharedBuffer(p, array, None)
+    return SharedBuffer(p, array, None, fid)
 
 
 def sweep(shm_dir: Path = SHM_DIR) -> int:

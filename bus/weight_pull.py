@@ -145,7 +145,7 @@ def _attach(puller: _Puller, version: int, timeout: float) -> WeightStore | None
         return None
     try:
         check_manifest(reply.manifest)
-        buf = shm.attach(reply.path, reply.manifest.total_bytes)
+        buf = shm.attach(reply.path, reply.manifest.total_bytes, reply.file_id)
     except (OSError, ValueError) as e:  # dropped meanwhile, or another /dev/shm (containers)
         log.info("shared weights not attachable", path=reply.path, error=str(e)[:120])
         return None

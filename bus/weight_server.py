@@ -184,7 +184,7 @@ class WeightServer:
 
     def _send_shared(self, identity: bytes, store: "WeightStore | PartialStore", rid: int) -> None:
         assert store.shared is not None
-        self._send(identity, Shared(str(store.shared.path), store.manifest), rid)
+        self._send(identity, Shared(str(store.shared.path), store.manifest, store.shared.file_id), rid)
         self.metrics["weights/shared_served"] += 1
 
     def _on_notice(self, frames: list[zmq.Frame]) -> None:

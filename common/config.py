@@ -45,6 +45,10 @@ class BusConfig(Section):
     here (see bus/memory.py)."""
     curve_dir: str | None = None
     """Directory of CurveZMQ keys (made by `or1 keys`); None = plaintext. See docs/security."""
+    health_file: str = ""
+    """A file each role's bus client touches (≤ once a second) while it hears from the learner: a
+    liveness probe reads its age (e.g. Kubernetes: `test $(($(date +%s) - $(stat -c %Y FILE))) -lt 30`).
+    Empty = none."""
 
 
 class SamplingConfig(Section):
@@ -163,7 +167,9 @@ class LearnerConfig(Section):
     weights_port: int = Field(5556, ge=0, le=65535)
     """Weights ROUTER port (0 = pick a free one)."""
     advertise_host: str = ""
-    """Host name actors use to reach the weights port (default: this machine's name)."""
+    """Host or address other nodes dial for the weights port (`or1 learner --advertise`). Empty: a
+    concrete bind_host, else none, and each peer uses the address it reached the control port at
+    (see bus/address.py). Set it on multi-homed nodes to pick the network."""
     model: str = "tiny"
     """Model folder, hub name, or "tiny" for the embedded tiny model."""
     run_dir: str = "runs/latest"
@@ -213,7 +219,8 @@ class ActorConfig(Section):
     relay_bind: str = ""
     """Serve weights to peers from this endpoint, e.g. tcp://*:5557 (empty = no relay)."""
     relay_advertise: str = ""
-    """Endpoint peers use to reach the relay (default: derived from relay_bind and the host name)."""
+    """Endpoint other actors dial for this relay (`or1 actor --advertise tcp://HOST:PORT`). Empty: the
+    learner fills in the address it sees this actor's connection come from (see bus/address.py)."""
     max_groups: int = Field(4, ge=1)
     """Most groups asked for in one lease."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)

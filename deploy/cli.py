@@ -66,11 +66,14 @@ def learner(
     port: Optional[int] = typer.Option(None, help="Control port (weights port = this + 1 unless set)."),
     run_dir: Optional[str] = typer.Option(None, help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the run directory."),
+    advertise: Optional[str] = typer.Option(
+        None, help="Host or address other nodes dial for the weights port (multi-homed nodes); default: "
+                   "the address each peer reached the control port at."),
     log_format: str = LogOpt,
 ) -> None:
     """The learner: scheduler, buffer, DeepSpeed trainer and weight store, serving the bus."""
     flags = {"learner.model": model, "learner.max_staleness": max_staleness, "learner.control_port": port,
-             "learner.run_dir": run_dir, "learner.resume": resume or None}
+             "learner.run_dir": run_dir, "learner.resume": resume or None, "learner.advertise_host": advertise}
     if port is not None and not any(s.startswith("learner.weights_port") for s in set_):
         flags["learner.weights_port"] = port + 1 if port else 0
     cfg = _config(config, set_, **flags)
@@ -86,12 +89,15 @@ def actor(
     learner: Optional[str] = LearnerOpt,
     engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
     relay_bind: Optional[str] = typer.Option(None, help="Serve weights to peers, e.g. tcp://*:5557."),
+    advertise: Optional[str] = typer.Option(
+        None, help="Endpoint other actors dial for this relay, e.g. tcp://10.0.0.7:5557 (multi-homed nodes); "
+                   "default: the address the learner sees this actor at."),
     worker_id: Optional[str] = typer.Option(None, help="Stable id of this actor."),
     log_format: str = LogOpt,
 ) -> None:
     """A rollout worker: leases prompts, generates with vLLM (or HF), submits, pulls new weights."""
     cfg = _config(config, set_, **{"actor.learner": learner, "actor.engine": engine, "actor.relay_bind": relay_bind,
-                                   "actor.worker_id": worker_id})
+                                   "actor.relay_advertise": advertise, "actor.worker_id": worker_id})
     from actors.actor import run as run_actor
 
     raise typer.Exit(run_actor(cfg, log_format=log_format) or 0)

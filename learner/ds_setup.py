@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 from common.config import OptimConfig, TrainerConfig
+from common.log import get_logger
+
+log = get_logger()
 
 DEFAULT_EXTENSIONS_DIR = "~/.cache/or1/torch_extensions"  # DeepSpeed's CPU ops, built once (~1 min)
 EXPORT_GATHER_NUMEL = 1 << 28  # ZeRO-3 export/load gathers at most this many elements at once (peak memory)
@@ -29,6 +32,26 @@ def prepare_environment() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(DEFAULT_EXTENSIONS_DIR))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def pick_gloo_interface() -> None:
+    """Across hosts, gloo binds the address its hostname resolves to, and on Debian/Ubuntu that is
+    a loopback address (/etc/hosts: 127.0.1.1 HOST): peers are then told to connect to 127.0.x and
+    the group never forms. Unless the user chose (GLOO_SOCKET_IFNAME), bind the interface that
+    routes to MASTER_ADDR, when the master is on another host and the hostname is loopback-only."""
+    from bus.address import interface_towards, is_loopback
+
+    master = os.environ.get("MASTER_ADDR", "")
+    if os.environ.get("GLOO_SOCKET_IFNAME") or not master or is_loopback(master):
+        return
+    import socket
+
+    if not is_loopback(socket.gethostname()):
+        return
+    name = interface_towards(master)
+    if name:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+        log.info("gloo.interface", interface=name, master=master)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -48,6 +71,8 @@ def init_distributed() -> tuple[int, int]:
         if alone:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("LOCAL_RANK", "0")
+        if not alone:
+            pick_gloo_interface()
         if acc.device_name() != "cpu":
             acc.set_device(int(os.environ["LOCAL_RANK"]))
         if alone:  # DeepSpeed adopts a process group that is already up

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -85,6 +84,7 @@ def schedule_steps(cfg: Config) -> None:
 def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     from transformers import AutoTokenizer
 
+    from bus.address import learner_advertise_host, reachable_host
     from bus.auth import server_curve
     from bus.server import Server
     from bus.weight_server import WeightServer
@@ -116,7 +116,7 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
         controller.load_state_dict(state["entropy"])
         log.info("resumed", checkpoint=str(latest), version=scheduler.version, epoch=epoch)
 
-    host = lc.advertise_host or socket.gethostname()
+    host = learner_advertise_host(lc.advertise_host, lc.bind_host)
     curve = server_curve(cfg.bus.curve_dir)
     weights = WeightServer(f"tcp://{lc.bind_host}:{lc.weights_port}", max_message_bytes=cfg.bus.max_message_bytes,
                            curve=curve)
@@ -130,7 +130,7 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     server.start()
     log.info("learner.serving", control=server.endpoint, weights=weights_ep, version=scheduler.version, epoch=epoch)
     tmp = run_dir / "endpoint.tmp"  # renamed into place: a reader never sees half of it
-    tmp.write_text(f"tcp://{host}:{server.endpoint.rsplit(':', 1)[1]}\n")
+    tmp.write_text(f"tcp://{reachable_host(lc.advertise_host, lc.bind_host)}:{server.endpoint.rsplit(':', 1)[1]}\n")
     tmp.replace(run_dir / "endpoint")
 
     stop = threading.Event()

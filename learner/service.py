@@ -16,12 +16,13 @@ scheduler's buffer with their rewards; every scheduler event goes to the ledger.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from bus import shm
+from bus.address import fill_peer_host
 from bus.dispatch import ScoreDispatcher
 from bus.messages import (
     ERR_FORBIDDEN, ERR_NOT_FOUND, ROLE_ACTOR, ROLE_ADMIN, ROLE_REWARD, Error, Heartbeat, LeaseRequest, Message,
@@ -52,6 +53,11 @@ class Ledger:
         self._f.close()
 
 
+def relay_endpoint(peer: Peer) -> str:
+    """The endpoint other actors dial for this peer's relay ("" = it does not relay)."""
+    return fill_peer_host(peer.hello.relay_endpoint, peer.address) if peer.hello.relay_endpoint else ""
+
+
 class LearnerService:
     def __init__(self, cfg: Config, scheduler: Scheduler, *, run_id: str, model: str, weights_endpoint: str,
                  clock: Callable[[], float] = time.monotonic):
@@ -65,7 +71,7 @@ class LearnerService:
         self.published_version = scheduler.version
         self.finished = False
         self.server: Server | None = None
-        self.sources = WeightSources(weights_endpoint, cfg.bus.relay_fanout, learner_host=socket.gethostname(),
+        self.sources = WeightSources(weights_endpoint, cfg.bus.relay_fanout, learner_host=shm.host_id(),
                                      shared=cfg.bus.shared_memory)
         self.dispatcher = ScoreDispatcher(self._send, self._on_scores, timeout_s=cfg.learner.score_timeout_s)
         self._scoring: dict[int, Accepted] = {}
@@ -99,7 +105,8 @@ class LearnerService:
         if peer.role == ROLE_ADMIN and key and peer.hello.admin_key != key:
             return Error(ERR_FORBIDDEN, "admin key required")
         with self.lock:
-            log.info("peer.hello", peer=peer.worker_id, role=peer.role, host=peer.host, held=peer.hello.weight_version)
+            log.info("peer.hello", peer=peer.worker_id, role=peer.role, host=peer.host, address=peer.address,
+                     held=peer.hello.weight_version, relay=relay_endpoint(peer))
             return Welcome(run_id=self.run_id, epoch=self.scheduler.epoch, version=self.published_version,
                            heartbeat_s=self.cfg.bus.heartbeat_s, liveness=self.cfg.bus.liveness,
                            max_staleness=self.scheduler.eta, model=self.model,
@@ -153,7 +160,7 @@ class LearnerService:
         version = self.published_version if msg.version < 0 else msg.version
         if version > self.published_version:
             return Error(ERR_NOT_FOUND, f"version {version} not published yet (latest {self.published_version})")
-        endpoint, source_id = self.sources.choose(version, peer.worker_id, self._relays(), peer.host)
+        endpoint, source_id = self.sources.choose(version, peer.worker_id, self._relays(), peer.hello.host_id)
         log.info("weights.source", peer=peer.worker_id, version=version, source=source_id, endpoint=endpoint)
         return WeightSource(version=version, endpoint=endpoint, source_id=source_id)
 
@@ -163,7 +170,7 @@ class LearnerService:
             if p.role == ROLE_ACTOR and p.hello.relay_endpoint:
                 have = int(p.stats.get("weights/have_version", p.weight_version))
                 recv = int(p.stats.get("weights/receiving_version", -1))
-                out.append(RelayView(p.worker_id, p.hello.relay_endpoint, have, recv, p.host))
+                out.append(RelayView(p.worker_id, relay_endpoint(p), have, recv, p.hello.host_id))
         return out
 
     # --- reward workers -----------------------------------------------------------------------
@@ -197,7 +204,8 @@ class LearnerService:
         fleet = [PeerInfo(role=p.role, worker_id=p.worker_id, host=p.host, weight_version=p.weight_version,
                           lag=max(0, self.published_version - p.weight_version) if p.role == ROLE_ACTOR else 0,
                           tokens_per_s=float(p.stats.get("actor/tokens_per_s", 0.0)), last_seen_s=now - p.last_seen,
-                          leases=leases.get(p.worker_id, 0), relay_endpoint=p.hello.relay_endpoint)
+                          leases=leases.get(p.worker_id, 0), relay_endpoint=relay_endpoint(p),
+                          address=p.address, problem=p.problem)
                  for p in (self.server.peers() if self.server else []) if p.role != ROLE_ADMIN]
         queues = {**self.scheduler.counts(), "score_queued": self.dispatcher.queued,
                   "score_outstanding": self.dispatcher.outstanding,

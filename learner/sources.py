@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-LEARNER_ID = "learner"
+from bus.messages import SOURCE_LEARNER as LEARNER_ID
 
 
 @dataclass
@@ -33,7 +33,7 @@ class RelayView:
     endpoint: str
     have_version: int  # newest complete version it can serve
     receiving_version: int  # version it is pulling now (-1 = none)
-    host: str = ""  # its Hello's host ("" = unknown: never treated as same-host)
+    host: str = ""  # its Hello's host_id (bus.shm.host_id; "" = unknown: never treated as same-host)
 
 
 class WeightSources:
@@ -50,7 +50,7 @@ class WeightSources:
         self._since: dict[str, float] = {}  # child -> when it was last assigned
 
     def choose(self, version: int, requester: str, relays: list[RelayView], host: str = "") -> tuple[str, str]:
-        """(endpoint, source_id) for `requester` (on `host`) to pull `version` from."""
+        """(endpoint, source_id) for `requester` (on host `host`, a ``bus.shm.host_id()``) to pull `version` from."""
         now = self.clock()
         for child in [c for c, t in self._since.items() if now - t > self.ttl_s]:
             self._forget_child(child)

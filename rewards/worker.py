@@ -71,7 +71,8 @@ class RewardService:
         self._held_lock = threading.Lock()
         self.pool = ScorePool(cfg.workers, cfg)
         self.client = Client(cfg.learner, self._hello, heartbeat_s=bus.heartbeat_s, liveness=bus.liveness,
-                             stats=self._stats, curve=_curve(bus), max_message_bytes=bus.max_message_bytes)
+                             stats=self._stats, curve=_curve(bus), max_message_bytes=bus.max_message_bytes,
+                             health_file=bus.health_file)
         self.client.on_welcome(self._on_welcome)
 
     def _hello(self) -> Hello:

@@ -235,3 +235,24 @@ def test_a_forked_child_never_unlinks_its_parents_files() -> None:
     finally:
         buf.unlink()
     assert not buf.path.exists()
+
+
+def test_host_id_separates_network_namespaces_not_hostnames():
+    """Two hosts can share a hostname (namespaces, containers, cloned images) but not the boot id,
+    network namespace and /dev/shm device that host_id is made of."""
+    import os
+
+    hid = shm.host_id()
+    assert str(os.stat("/proc/self/ns/net").st_ino) in hid
+    assert str(os.stat("/dev/shm").st_dev) in hid
+
+
+def test_attach_refuses_another_file_at_the_same_path():
+    """The source names its file's device:inode; a lookalike path (another /dev/shm) is not mapped."""
+    buf = shm.SharedBuffer.create(4096)
+    try:
+        assert shm.attach(str(buf.path), 4096, buf.file_id).file_id == buf.file_id
+        with pytest.raises(OSError, match="another file"):
+            shm.attach(str(buf.path), 4096, "1:2")
+    finally:
+        buf.unlink()
