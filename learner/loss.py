@@ -3,6 +3,14 @@
 Pure tensor code: no DeepSpeed, no model, no state. All log-probs are taken at the sampling
 temperature T (logits / T), the same distribution the actors sampled from.
 
+Log-probs and entropy of a token y_t from logits z_t (or from the LM head: z_t = W h_t + b, with
+h_t the final hidden state of the position that predicts y_t)::
+
+    log pi_t = log_softmax(z_t / T)[y_t]          H_t = -sum_v p_v log p_v,   p = softmax(z_t / T)
+
+computed over chunks of positions in float32, each chunk under activation checkpointing, so neither
+pass holds more than one chunk's [rows, V] (CHUNK_BYTES) whatever L is.
+
 Advantage (per group of n samples of one prompt, rewards r_1..r_n)::
 
     A_i = (r_i - mean(r)) / (std(r) + 1e-6)        std unbiased (n - 1); a group of one sample -> 0
@@ -203,6 +211,50 @@ def token_logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: flo
         empty = logits.new_zeros((b, 0), dtype=torch.float32)
         return empty, empty
     return torch.cat(logps, dim=1), torch.cat(ents, dim=1)
+
+
+def head_logprobs_and_entropy(
+    hidden: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """The same two quantities straight from the LM head: `hidden` [N, H] (one row per scored
+    position), `targets` [N], `weight` [V, H] and `bias` [V] or None of the head; returns log pi and
+    H, both [N] float32. The logits z = hidden @ weight^T + bias exist only chunk by chunk
+    (CHUNK_BYTES // (4 V) rows, at least 1), each chunk checkpointed, so forward and backward hold
+    one chunk's [rows, V] at a time: the memory no longer grows with N x V.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.dim() != 2:
+        got = f"{tuple(hidden.shape)}, {tuple(targets.shape)}, {tuple(weight.shape)}"
+        raise ValueError(f"hidden [N, H], targets [N] and weight [V, H] expected, got {got}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    from torch.utils.checkpoint import checkpoint
+
+    rows = head_chunk_rows(weight.shape[0])
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    logps, ents = [], []
+    for s in range(0, hidden.shape[0], rows):
+        args = (hidden[s : s + rows], targets[s : s + rows], weight, bias, temperature)
+        if grad:
+            lp, h = checkpoint(_chunk_head_logprobs_entropy, *args, use_reentrant=False)
+        else:
+            lp, h = _chunk_head_logprobs_entropy(*args)
+        logps.append(lp)
+        ents.append(h)
+    if not logps:
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps), torch.cat(ents)
+
+
+def head_chunk_rows(vocab: int) -> int:
+    """Positions per chunk in head_logprobs_and_entropy: one float32 [rows, V] slab = CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // max(1, 4 * vocab))
+
+
+def _chunk_head_logprobs_entropy(
+    hidden: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor]:
+    return _chunk_logprobs_entropy(torch.nn.functional.linear(hidden, weight, bias), targets, temperature)
 
 
 def _chunk_logprobs_entropy(logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

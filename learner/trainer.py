@@ -7,8 +7,7 @@ One batch (`train_step`), on every rank with the same number of micro-batches M:
 
     T       = mask tokens of the whole batch (all micro-batches, all ranks; all-reduced and checked
               against the caller's total_tokens)
-    for each micro-batch j:  logits = engine(input_ids, attention_mask)
-        log pi, H = token_logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], T_sampling)
+    for each micro-batch j:  log pi, H = engine(input_ids, attention_mask, loss positions)  (below)
         L_j       = policy_loss(..., mask = loss_mask[:, 1:], total_tokens = T)    (learner/loss.py)
         engine.backward(L_j * world_size, scale_wrt_gas=False)
     engine.step()                                                                   version += 1
@@ -31,6 +30,20 @@ micro-batch), the micro-batches are split into K contiguous mini-batches (the sa
 rank since M is the same), and each gets its own T_k and optimizer step. Metrics are weighted by
 T_k / T so they stay batch token-means.
 
+No [b, L, V] logits: for the engine's forward the model's forward is swapped for `_score_tokens`
+(`scoring_forward`), which runs the backbone (`model.base_model`) to the final hidden states, keeps
+the rows of the positions whose next token is in the loss, and calls the LM head module once on
+those rows; the head's forward is swapped for `loss.head_logprobs_and_entropy`, which makes the
+logits chunk by chunk under activation checkpointing (one [rows, V] slab at a time, forward and
+backward). With V = 151,936 one 16K-token sequence would otherwise hold 9.7 GB of float32 logits,
+prompt positions included. Swapping the forwards instead of calling the parts from outside keeps
+every call where DeepSpeed hooks it: the engine registers its backward prologue on the outputs of
+its forward, and ZeRO-3 gathers the head's partitioned weight (the embedding's, when tied) in the
+head module's forward and again in its backward, where the checkpointed chunks are recomputed. One
+head call per micro-batch on every rank, however many chunks each rank's tokens need, so ZeRO-3's
+collectives stay in lockstep; a micro-batch without loss tokens (a filler) scores one dummy row
+whose result enters the loss times 0.
+
 Input checks (shapes, token ranges, finite values, equal M on all ranks, T) end in one all-reduce,
 so a bad batch raises the same ValueError on every rank before any forward: nothing hangs.
 """
@@ -40,6 +53,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -91,6 +106,7 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # from_pretrained returns eval mode, where HF skips gradient checkpointing
         self.vocab_size = int(model.config.vocab_size)
+        check_scorable(model)
         self.model_dtype = ds_setup.folder_dtype(model.config)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
@@ -104,8 +120,6 @@ class Trainer:
     ) -> dict[str, float]:
         """This rank's micro-batches (the same count on every rank) -> sgd_steps optimizer steps.
         Returns metrics summed over micro-batches and ranks (loss metrics are batch token-means)."""
-        from learner.loss import token_logprobs_and_entropy
-
         start = time.perf_counter()
         n, k = len(micro_batches), self.cfg.loss.sgd_steps
         spans = _spans(n, k)
@@ -116,8 +130,7 @@ class Trainer:
         prox: list[torch.Tensor | None] = [None] * n
         if k > 1:  # pi_prox = the policy before this batch's first step (PPO's pi_old)
             with torch.no_grad():
-                prox = [token_logprobs_and_entropy(self._logits(b), b.input_ids[:, 1:], self.temperature)[0]
-                        for b in batches]
+                prox = [self._score(b)[0] for b in batches]
         sums: dict[str, torch.Tensor] = {}
         norms: list[float] = []
         for (a, b), tokens in zip(spans, span_tokens):
@@ -141,17 +154,18 @@ class Trainer:
         return metrics
 
     def _loss(self, batch: _Batch, prox: torch.Tensor | None, entropy_coef: float, tokens: int):
-        from learner.loss import LossInputs, policy_loss, token_logprobs_and_entropy
+        from learner.loss import LossInputs, policy_loss
 
-        logits = self._logits(batch)
-        logp, entropy = token_logprobs_and_entropy(logits, batch.input_ids[:, 1:], self.temperature)
+        logp, entropy = self._score(batch)
         inputs = LossInputs(logprobs=logp, entropy=entropy, behaviour_logprobs=batch.behaviour,
                             advantages=batch.advantages, mask=batch.mask, prox_logprobs=prox)
         return policy_loss(inputs, self.cfg.loss, entropy_coef, float(tokens))
 
-    def _logits(self, batch: _Batch) -> torch.Tensor:
-        out = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        return out.logits[:, :-1]
+    def _score(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi_theta and H of the micro-batch's loss tokens at the sampling temperature, both
+        [b, L-1] float32 aligned with input_ids[:, 1:] (0 elsewhere), via the engine's forward."""
+        with scoring_forward(self.engine.module, self.temperature):
+            return self.engine(batch.input_ids, batch.attention_mask, batch.mask > 0)
 
     def _optimizer_step(self) -> float:
         """engine.step(); the pre-clip global gradient norm (DeepSpeed reports it for ZeRO >= 1;
@@ -326,3 +340,66 @@ def _tokens(mb: MicroBatch) -> int:
         return int((np.asarray(mb.loss_mask)[:, 1:] > 0).sum()) if np.shape(mb.loss_mask)[0] else 0
     except (AttributeError, IndexError, TypeError, ValueError):
         return 0  # malformed: _check reports it
+
+
+# ---- log-probs without full logits (module docstring) ---------------------------------------
+
+
+UNSUPPORTED_HEAD_CONFIG = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+"""Config keys of models whose CausalLM forward transforms lm_head's output (Gemma 2's softcap,
+Cohere's and Granite's scales, ...): scoring from the head alone would be a different policy."""
+
+
+def check_scorable(model: torch.nn.Module) -> None:
+    """Raise ValueError unless `model` is a CausalLM whose logits are exactly
+    lm_head(base_model(...).last_hidden_state): a backbone under `base_model` and a Linear head."""
+    base, head = getattr(model, "base_model", model), model.get_output_embeddings()
+    name = type(model).__name__
+    if base is model:
+        raise ValueError(f"{name}: no backbone under base_model; the learner needs a CausalLM with one "
+                         "(Qwen2/Llama-style: model.model)")
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{name}: the output head is {type(head).__name__}, not a Linear layer")
+    for key in UNSUPPORTED_HEAD_CONFIG:
+        if getattr(model.config, key, None) not in (None, 1, 1.0):
+            raise ValueError(f"{name}: config.{key}={getattr(model.config, key)!r} changes the logits after "
+                             "lm_head; the learner's chunked log-probs do not support it")
+
+
+@contextlib.contextmanager
+def scoring_forward(model: torch.nn.Module, temperature: float):
+    """While open, `model(input_ids, attention_mask, live)` returns (log pi, H) of the positions
+    `live` [b, L-1] (`_score_tokens`), and the head's forward is the chunked one (`_head_scores`)."""
+    head = model.get_output_embeddings()
+    saved = [(m, m.__dict__.get("forward")) for m in (model, head)]
+    model.forward = functools.partial(_score_tokens, model, head)
+    head.forward = functools.partial(_head_scores, head, temperature)
+    try:
+        yield
+    finally:
+        for module, forward in saved:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def _score_tokens(model: torch.nn.Module, head: torch.nn.Module, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = hidden.last_hidden_state[:, :-1]
+    targets = input_ids[:, 1:]
+    zeros = torch.zeros(live.shape, dtype=torch.float32, device=hidden.device)
+    if not bool(live.any()):  # filler: the head still runs (every rank calls it once), times 0
+        logp, entropy = head(hidden[:1, 0], targets[:1, 0])
+        nothing = 0.0 * (logp.sum() + entropy.sum())
+        return zeros + nothing, zeros + nothing
+    logp, entropy = head(hidden[live], targets[live])
+    return zeros.masked_scatter(live, logp), zeros.masked_scatter(live, entropy)
+
+
+def _head_scores(head: torch.nn.Linear, temperature: float, hidden: torch.Tensor,
+                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from learner.loss import head_logprobs_and_entropy
+
+    return head_logprobs_and_entropy(hidden, targets, head.weight, head.bias, temperature)

@@ -209,8 +209,8 @@ def test_bad_batches_raise_and_the_trainer_survives(trainer):
 def test_sgd_steps_take_several_steps_per_batch(trainer, monkeypatch):
     mbs = [build_micro_batch(s) for s in (samples(5, 2), samples(6, 3), samples(7, 2))]
     calls = []
-    forward = trainer._logits
-    monkeypatch.setattr(trainer, "_logits", lambda b: calls.append(torch.is_grad_enabled()) or forward(b))
+    forward = trainer._score
+    monkeypatch.setattr(trainer, "_score", lambda b: calls.append(torch.is_grad_enabled()) or forward(b))
     monkeypatch.setattr(trainer.cfg.loss, "sgd_steps", 2)
     version = trainer.version
     metrics = trainer.train_step(mbs, tokens(mbs), 0.0)
