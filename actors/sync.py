@@ -136,9 +136,15 @@ class WeightSync:
                 self._cv.notify_all()
 
     def _failed(self, version: int, e: Exception) -> None:
-        """Count a failed pull; from the third in a row on, say loudly which endpoint failed and
-        which setting fixes it, in the log and (Heartbeat.problem) in `or1 status`."""
+        """Count a failed pull; from the third unanswered one in a row on, say loudly which endpoint
+        failed and which setting fixes it, in the log and (Heartbeat.problem) in `or1 status`. A
+        source that answered "not held" (LookupError: versions came faster than we pulled) was
+        reached: the next try asks for a newer version."""
         self.stats.failures += 1
+        if isinstance(e, LookupError):
+            self._failed_in_row, self.problem = 0, ""
+            log.info("weights.version_gone", version=version, endpoint=self._endpoint, error=str(e)[:200])
+            return
         self._failed_in_row += 1
         fix = hint(self._endpoint, self._from_learner) if self._endpoint else "no weight source answered"
         if self._failed_in_row >= 3:
