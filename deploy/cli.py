@@ -45,13 +45,15 @@ def run(
     reward_workers: Optional[int] = typer.Option(None, help="Reward worker processes to start."),
     max_staleness: Optional[int] = typer.Option(None, help="η: 0 = synchronous on-policy."),
     engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
+    model: Optional[str] = typer.Option(None, help="Model folder, hub name, or 'tiny' (e.g. from or1 make-model)."),
     out: Optional[str] = typer.Option(None, help="Run directory (default runs/<timestamp>)."),
     log_format: str = LogOpt,
 ) -> None:
     """Train on this machine: learner, actors and reward workers as separate processes over the bus.
     With no arguments: the embedded tiny model on the toy task, nothing downloaded."""
     cfg = _config(config or default_run_config(), set_, **{"run.steps": steps, "run.actors": actors, "run.reward_workers": reward_workers,
-                                   "learner.max_staleness": max_staleness, "actor.engine": engine, "learner.run_dir": out})
+                                   "learner.max_staleness": max_staleness, "actor.engine": engine, "learner.run_dir": out,
+                                   "learner.model": model})
     from deploy.local import run as run_local
 
     raise typer.Exit(run_local(cfg, explicit_out=out is not None, log_format=log_format))
@@ -233,6 +235,22 @@ def tiny_model(
     from common.tinymodel import main
 
     raise typer.Exit(main(directory, warm=warm, seed=seed))
+
+
+@app.command("make-model")
+def make_model(
+    directory: str = typer.Argument(..., help="Where to write the model folder (empty or absent)."),
+    like: str = typer.Option(..., "--like", help="Architecture shape: qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b, "
+                                                   "qwen2.5-7b, r1-distill-qwen-1.5b, r1-distill-qwen-7b."),
+    layers: Optional[int] = typer.Option(None, help="Fewer decoder layers than the shape (quick tests)."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 | float32 | float16"),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+) -> None:
+    """A real architecture's shape with random weights and the tiny model's tokenizer (padded to the
+    real vocabulary): an ordinary HF folder, nothing downloaded."""
+    from common.model_shapes import main
+
+    raise typer.Exit(main(directory, like, layers=layers, dtype=dtype, seed=seed))
 
 
 if __name__ == "__main__":
