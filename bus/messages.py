@@ -50,6 +50,8 @@ ROLE_REWARD = "reward"
 ROLE_ADMIN = "admin"
 ROLES = (ROLE_ACTOR, ROLE_REWARD, ROLE_ADMIN)
 
+REWARD_RANGE = (0.0, 1.0)  # every ScoreOut.reward lies here (Skywork-OR1's rules give 0 or 1); else refused
+
 FINISH_STOP = "stop"  # eos or a stop string
 FINISH_LENGTH = "length"  # hit max_tokens (truncated)
 

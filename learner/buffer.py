@@ -102,6 +102,11 @@ class GroupBuffer:
             self._counts[f"filter/zero_adv_{kind}"] += 1
         return kind
 
+    def drain(self) -> list[ScoredGroup]:
+        """Remove and return every held group (the run ended)."""
+        out, self._groups = self._groups, []
+        return out
+
     def purge_stale(self, version: int, eta: int) -> list[ScoredGroup]:
         """Remove and return the groups with staleness version - weight_version > eta."""
         stale = [g for g in self._groups if version - g.weight_version > eta]

@@ -27,7 +27,7 @@ from common.config import Config, save_config
 from common.log import get_logger, setup_logging
 
 log = get_logger()
-DONE_GRACE_S = 3.0  # after the last step, keep answering so actors hear Wait(done) and leave
+DONE_GRACE_S = 30.0  # after the last step, keep answering until the fleet has left (at most this long)
 
 
 def run(cfg: Config, log_format: str = "auto") -> int:
@@ -156,8 +156,8 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
         if scheduler.version > 0:
             save_model_folder(group, model_path, run_dir / "model", cfg)
         service.finish()
-        if not stop.is_set():
-            stop.wait(DONE_GRACE_S)
+        service.wait_fleet_gone(stop, DONE_GRACE_S)
+        service.close_run()
     finally:
         server.stop()
         weights.stop()

@@ -60,7 +60,8 @@ from bus.messages import (
 )
 from common.config import LearnerConfig, SamplingConfig, StageConfig
 from learner.buffer import SOLVED_REWARD, GroupBuffer, ScoredGroup
-from learner.order import DatasetOrder
+from common.data import data_sources
+from learner.mixture import make_order
 
 RETRY_ADMISSION_S = 0.2  # a slot frees when a group is scored or a step ends: soon
 RETRY_WEIGHTS_S = 0.0  # pull, then ask again at once
@@ -81,16 +82,19 @@ END_FILTERED = "filtered"
 END_STALE = "stale"
 END_RELEASED = "released"
 END_REQUEUED = "requeued"
+END_ABANDONED = "abandoned"  # still out when the run ended (close_run): the ledger closes every grant
 
 
 @dataclass(frozen=True, eq=False)  # eq on numpy arrays is ambiguous: identity it is
 class Prompt:
-    """A tokenised problem: `token_ids` int32, `kind` "math" | "code", `reference` for the scorer."""
+    """A tokenised problem: `token_ids` int32, `kind` "math" | "code", `reference` for the scorer,
+    `source` the data source's name (mixture weights, reward/<source>/* metrics)."""
 
     prompt_id: str
     token_ids: np.ndarray
     kind: str
     reference: str
+    source: str = ""
 
 
 @dataclass
@@ -150,6 +154,7 @@ class Scheduler:
         seed: int = 0,
         zero_truncated_reward: bool = True,
         on_event: Callable[[dict], None] | None = None,
+        source_weights: dict[str, float] | None = None,
     ):
         if not stages:
             raise ValueError("at least one stage is needed")
@@ -161,7 +166,8 @@ class Scheduler:
         self.lease_groups, self.lease_timeout_s, self.seed = lease_groups, lease_timeout_s, seed
         self.zero_truncated_reward = zero_truncated_reward
         self._on_event = on_event or (lambda e: None)
-        self._order = DatasetOrder([p.prompt_id for p in prompts], seed)
+        # one data set: DatasetOrder; several sources with weights: learner/mixture.py
+        self._order = make_order({p.prompt_id: p.source for p in prompts}, source_weights, seed)
         self.version = self.groups_trained = self.stage = 0
         self._stage_v0 = self._stage_trained0 = 0
         self._leases: dict[int, _Lease] = {}
@@ -180,6 +186,7 @@ class Scheduler:
             prompts, cfg.stages, cfg.sampling, epoch=epoch, max_staleness=cfg.max_staleness,
             lease_groups=cfg.lease_groups, lease_timeout_s=cfg.lease_timeout_s, seed=cfg.data.seed,
             zero_truncated_reward=cfg.loss.zero_truncated_reward, on_event=on_event,
+            source_weights={s.name: s.weight for s in data_sources(cfg.data)},
         )
 
     # --- views ------------------------------------------------------------------------------
@@ -414,6 +421,20 @@ class Scheduler:
         self._emit("scored", lease_id=lease_id, prompt_id=prompt.prompt_id, group_id=group_id,
                    rewards=r.tolist())
         return "buffered"
+
+    def close_run(self) -> int:
+        """The run is over: every lease still out, group still scoring and group buffered but not
+        trained ends as END_ABANDONED, so the ledger shows an end for every grant and nothing is in
+        flight any more. Returns how many ended."""
+        n = sum(self._close(lease, END_ABANDONED, "run_ended") for lease in list(self._leases.values()))
+        for group_id, (lease_id, prompt, _) in list(self._scoring.items()):
+            del self._scoring[group_id]
+            self._end(lease_id, prompt.prompt_id, group_id, END_ABANDONED, "run_ended", requeue=True)
+            n += 1
+        for g in self._buffer.drain():
+            self._end(g.lease_id, g.prompt_id, g.group_id, END_ABANDONED, "run_ended", requeue=True)
+            n += 1
+        return n
 
     def requeue_group(self, group_id: int, reason: str) -> bool:
         """Give up on a submitted group still scoring (e.g. no reward worker could score it)."""

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from bus import shm
 from bus.address import fill_peer_host
-from bus.dispatch import ScoreDispatcher
+from learner.dispatch import ScoreDispatcher
 from bus.messages import (
     ERR_FORBIDDEN, ERR_NOT_FOUND, ROLE_ACTOR, ROLE_ADMIN, ROLE_REWARD, Error, Heartbeat, LeaseRequest, Message,
     PeerInfo, Ready, Release, ScoreItem, ScoreOut, ScoreResult, Set, SetReply, Status, StatusReply, Submit, SubmitAck,
@@ -32,6 +32,7 @@ from bus.messages import (
 from bus.server import Peer, Server
 from common.config import Config
 from common.log import get_logger
+from learner.reward_stats import RewardBreakdown
 from learner.scheduler import Accepted, Batch, Scheduler
 from learner.sources import RelayView, WeightSources
 
@@ -73,9 +74,11 @@ class LearnerService:
         self.server: Server | None = None
         self.sources = WeightSources(weights_endpoint, cfg.bus.relay_fanout, learner_host=shm.host_id(),
                                      shared=cfg.bus.shared_memory)
-        self.dispatcher = ScoreDispatcher(self._send, self._on_scores, timeout_s=cfg.learner.score_timeout_s)
+        self.dispatcher = ScoreDispatcher(self._send, self._on_scores, on_failed=self._on_unscored,
+                                          on_drop=self._on_reward_dropped, timeout_s=cfg.learner.score_timeout_s)
         self._scoring: dict[int, Accepted] = {}
         self._window = {"len": 0.0, "trunc": 0.0, "samples": 0.0}
+        self.breakdown = RewardBreakdown(cfg.learner.loss.zero_truncated_reward)  # reward/<kind|source>/*
 
     # --- wiring -------------------------------------------------------------------------------
 
@@ -182,19 +185,37 @@ class LearnerService:
         self.dispatcher.result(peer.worker_id, msg, self.clock())
 
     def _on_scores(self, group_id: int, results: list[ScoreOut]) -> None:
-        """Called by the dispatcher (under the lock) with one group's rewards."""
+        """Called by the dispatcher (under the lock) with one group's checked rewards. Whatever
+        goes wrong in accepting them, the group ends (requeued) and the scheduler stays consistent."""
         acc = self._scoring.pop(group_id, None)
         if acc is None:
             return
         errors = [r.error for r in results if r.error]
         if errors:
             log.warning("score.errors", group_id=group_id, n=len(errors), first=errors[0][:120])
-        self.scheduler.scored(group_id, [r.reward for r in results])
+        try:
+            self.scheduler.scored(group_id, [r.reward for r in results])
+        except Exception as e:  # noqa: BLE001 — a bug or a result the checks missed must not strand the group
+            log.exception("score.rejected", group_id=group_id, error=str(e)[:200])
+            self.scheduler.requeue_group(group_id, "score_error")
+            self.ready.notify_all()
+            return
         for s in acc.group.samples:
             self._window["len"] += len(s.token_ids)
             self._window["trunc"] += s.finish_reason == "length"
             self._window["samples"] += 1
+        self.breakdown.add(acc.prompt, acc.group.samples, results)
         self.ready.notify_all()
+
+    def _on_unscored(self, group_id: int, why: str) -> None:
+        """No reward worker scored the group: its prompt goes back to the queue, never trained on 0s."""
+        if self._scoring.pop(group_id, None) is not None:
+            log.warning("score.failed", group_id=group_id, why=why)
+            self.scheduler.requeue_group(group_id, "unscored")
+            self.ready.notify_all()
+
+    def _on_reward_dropped(self, worker_id: str, why: str) -> None:
+        log.error("reward.dropped", peer=worker_id, why=why[:200])
 
     # --- admin --------------------------------------------------------------------------------
 
@@ -244,6 +265,7 @@ class LearnerService:
                     batch.metrics["reward/response_len"] = w["len"] / w["samples"] if w["samples"] else 0.0
                     batch.metrics["reward/truncated_frac"] = w["trunc"] / w["samples"] if w["samples"] else 0.0
                     self._window = {"len": 0.0, "trunc": 0.0, "samples": 0.0}
+                    batch.metrics.update(self.breakdown.take())
                     return batch
                 if self.scheduler.done:
                     return None
@@ -273,5 +295,25 @@ class LearnerService:
         return out
 
     def finish(self) -> None:
+        """The run is over: actors hear Wait(done) at their next lease request, reward workers at once."""
         with self.lock:
             self.finished = True
+        for p in self.server.peers() if self.server else []:
+            if p.role == ROLE_REWARD:
+                self._send(p.worker_id, Wait(reason=WAIT_DONE, retry_after_s=5.0))
+
+    def close_run(self) -> None:
+        """End every grant still open in the ledger (scheduler.close_run) once the fleet has left."""
+        with self.lock:
+            n = self.scheduler.close_run()
+        if n:
+            log.info("ledger.closed", abandoned=n)
+
+    def wait_fleet_gone(self, stop: threading.Event, timeout: float) -> None:
+        """Keep serving until every actor and reward worker has said Bye (an actor still generating
+        submits, is told Wait(done) and leaves), the peers are declared dead, or `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            if not any(p.role in (ROLE_ACTOR, ROLE_REWARD) for p in (self.server.peers() if self.server else [])):
+                return
+            stop.wait(0.1)

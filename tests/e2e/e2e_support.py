@@ -7,9 +7,9 @@ ledger.jsonl and logs out), signals, and the `or1 status` / `or1 set` admin comm
 
 Ledger invariants (`check_ledger`), from the scheduler's contract (learner/scheduler.py):
 
-* every (epoch, lease_id, prompt_id) granted ends at most once, and every END names a granted one;
-  grants left without an END are exactly the work still outstanding when training stopped, so
-  there are at most (eta_max + 1) * B of them;
+* every (epoch, lease_id, prompt_id) granted ends exactly once, and every END names a granted one:
+  a run that ended closes its ledger (work still out then ends "abandoned"); only an epoch whose
+  learner was killed (`closed=False`) may leave grants open, at most (eta_max + 1) * B of them;
 * no group_id is trained twice, and each step (the `version` field of its END trained events)
   trains exactly B groups;
 * no prompt is lost: prompts ended as requeued / released / stale go to a FIFO queue that the
@@ -34,7 +34,7 @@ from common.config import load_config, save_config
 from procs import ROOT, free_port, or1, stop, wait_for
 
 REQUEUE_OUTCOMES = {"requeued", "released", "stale"}
-END_OUTCOMES = {"trained", "filtered"} | REQUEUE_OUTCOMES
+END_OUTCOMES = {"trained", "filtered", "abandoned"} | REQUEUE_OUTCOMES
 STARTUP_S = 240.0  # DeepSpeed + model load of three processes on 2 busy cores
 
 
@@ -247,7 +247,7 @@ class LedgerSummary:
 
 
 def check_ledger(events: list[dict], batch: int, steps: int, eta_max: int, first_step: int = 0,
-                 requeue: list[str] = ()) -> LedgerSummary:
+                 requeue: list[str] = (), closed: bool = True) -> LedgerSummary:
     """Assert the ledger invariants of the module docstring for one epoch's events; returns counts.
     A resumed run: `first_step` is the checkpoint's version and `requeue` its saved requeue queue;
     its "restart" END events (the checkpoint's in-flight groups, requeued on load) need no grant."""
@@ -289,6 +289,8 @@ def check_ledger(events: list[dict], batch: int, steps: int, eta_max: int, first
     assert len(trained_groups) == len(set(trained_groups)), "a group was trained twice"
     assert dict(trained_per_step) == {v: batch for v in range(first_step, steps)}, dict(trained_per_step)
     open_keys = [k for k in grants if ends[k] == 0]
+    if closed:
+        assert not open_keys, f"the run ended but {len(open_keys)} grants never ended: {open_keys}"
     assert len(open_keys) <= (eta_max + 1) * batch, f"{len(open_keys)} grants never ended: {open_keys}"
     return LedgerSummary(grants, ends, open_keys, dict(trained_per_step), accepted_by_actor)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bus.dispatch import ScoreDispatcher
+from learner.dispatch import ScoreDispatcher
 from bus.messages import WAIT_DONE, Ready, ScoreItem, ScoreOut, ScoreRequest, ScoreResult, Wait
 from bus.server import Peer, Server
 from rewards.sandbox import sandbox_problem
@@ -37,7 +37,9 @@ class Learner:
         self.lock = threading.Lock()
         self.results: dict[int, list[list[ScoreOut]]] = defaultdict(list)
         self.sent: list[tuple[str, int]] = []  # (worker_id, request_id) of every ScoreRequest
-        self.dispatcher = ScoreDispatcher(self._send, self._on_result, timeout_s=timeout_s)
+        self.failed: dict[int, str] = {}
+        self.dispatcher = ScoreDispatcher(self._send, self._on_result, on_failed=self.failed.__setitem__,
+                                          timeout_s=timeout_s)
         self.server.on(Ready, self._on_ready)
         self.server.on(ScoreResult, self._on_score_result)
         self.server.on_dead(self._on_dead)

@@ -32,8 +32,8 @@ PARTITION_S = 20.0
 def _finish(run: Run, steps: int, learner: str = "learner") -> None:
     run.wait_step(steps, 600, learner)
     assert run.wait_exit(learner, 120) == 0, run.tail(learner)
-    for host in ACTOR_HOSTS:  # told Wait(done); a reward worker stays for the next learner (run.close stops it)
-        assert run.wait_exit(f"actor-{host}", 60) == 0, run.tail(f"actor-{host}")
+    for name in [f"actor-{h}" for h in ACTOR_HOSTS] + ["reward"]:  # told Wait(done): they leave by themselves
+        assert run.wait_exit(name, 60) == 0, run.tail(name)
 
 
 def _rejoined_after(run: Run, actor: str, since_grants: int, timeout: float) -> None:
