@@ -144,19 +144,101 @@ class TrainerConfig(Section):
     """Seed of the trainer (dropout-free models make this matter little)."""
 
 
+SOURCE_NAME = r"^[A-Za-z0-9_.+-]+$"
+RESERVED_SOURCE_NAMES = frozenset({"math", "code", "errors"})
+"""Metric keys are reward/<kind>/… and reward/<source>/…: a source may not take a kind's name."""
+
+
+class SourceConfig(Section):
+    """One entry of `[[learner.data.sources]]`: a data set and its share of the prompts."""
+
+    path: str
+    """Hub dataset name, a local jsonl/json/parquet file or folder, or a built-in toy task `toy:NAME`."""
+    split: str = "train"
+    """Dataset split of a Hub name or folder (Skywork-OR1-RL-Data has `math` and `code`); a single
+    file is its own split."""
+    weight: float = Field(1.0, gt=0)
+    """Sampling weight: each prompt drawn comes from this source with probability weight / Σ weights."""
+    limit: int | None = Field(None, ge=1)
+    """Use at most the first this many rows."""
+    kind: Literal["math", "code"] | None = None
+    """Kind of rows that state none (`ability` / `kind`); a row stating another kind is unusable.
+    None: the row's own, else math."""
+    name: str = Field("", pattern=r"^$|" + SOURCE_NAME)
+    """Name in metrics (reward/<name>/mean) and in check-data; default: from the path (file stem, last
+    part of a Hub name, + "-<split>" for a Hub name or folder whose split is not "train")."""
+    prompt_suffix: str | None = None
+    """Overrides learner.data.prompt_suffix for this source (None = use it)."""
+
+    @model_validator(mode="after")
+    def _check_name(self) -> "SourceConfig":
+        if self.name in RESERVED_SOURCE_NAMES:
+            raise ValueError(f"source name {self.name!r} is reserved for the kind metrics; pick another")
+        return self
+
+
 class DataConfig(Section):
     source: str = "toy:addition"
-    """Hub dataset name, a local jsonl/json/parquet path, or a built-in toy task `toy:NAME`."""
+    """One source (the short form): Hub dataset name, a local jsonl/json/parquet path, or a built-in
+    toy task `toy:NAME`. Setting it together with `sources` is an error."""
     split: str = "train"
-    """Dataset split."""
+    """Dataset split of `source`."""
     limit: int | None = Field(None, ge=1)
-    """Use at most this many problems."""
+    """Use at most this many problems of `source`."""
+    sources: list[SourceConfig] = Field(default_factory=list)
+    """Several sources mixed by weight (`[[learner.data.sources]]`, e.g. math and code); replaces
+    source/split/limit."""
     prompt_suffix: str = ""
     """Text appended to every user prompt (Skywork-OR1 uses "Let's think step by step and output the final answer within \\boxed{}.")."""
     seed: int = 0
-    """Seed of the dataset order (reshuffled every epoch)."""
+    """Seed of the dataset order (reshuffled every epoch) and of the mixture draws."""
     max_prompt_tokens: int | None = Field(None, ge=1)
-    """Drop problems whose chat-templated prompt is longer than this many tokens (None = keep all)."""
+    """Drop problems whose chat-templated prompt is longer than this many tokens (None = what
+    actor.max_model_len leaves after the longest stage's responses)."""
+    max_unusable_frac: float = Field(0.05, ge=0, le=1)
+    """The learner refuses to start when more than this share of a source's rows is unusable
+    (unparseable reference or row, prompt too long); see `or1 check-data`."""
+    allow_unusable: bool = False
+    """Start anyway, training on the usable rows, whatever share of a source is unusable."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "DataConfig":
+        if self.sources:  # compared with the defaults: a saved config (every field written) must load again
+            defaults = {"source": "toy:addition", "split": "train", "limit": None}
+            both = [k for k, v in defaults.items() if getattr(self, k) != v]
+            if both:
+                raise ValueError(f"learner.data: set either {'/'.join(both)} or [[learner.data.sources]], not both")
+        return self
+
+
+class EvalConfig(Section):
+    """Periodic validation inside the learner (learner/evaluation.py): rank 0 generates with the
+    current weights (transformers generate, in-process) and scores with the reward code."""
+
+    every: int = Field(0, ge=0)
+    """Evaluate every K optimizer steps (0 = never)."""
+    data: str = ""
+    """Eval set: local jsonl/json/parquet (Skywork-OR1 or plain schema), Hub name or `toy:NAME`."""
+    split: str = "train"
+    """Split of a Hub name or folder."""
+    limit: int | None = Field(None, ge=1)
+    """Use at most this many problems."""
+    samples: int = Field(4, ge=1, le=1024)
+    """n: samples per problem (avg@n, pass@k for k ≤ n)."""
+    temperature: float | None = Field(None, gt=0, le=5)
+    """Sampling temperature (None = learner.sampling.temperature)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Most tokens per response (None = the longest stage's max_response_tokens)."""
+    at_start: bool = False
+    """Also evaluate the starting weights, before the first step."""
+    workers: int = Field(2, ge=1, le=64)
+    """Scoring processes of the learner's own reward pool."""
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> "EvalConfig":
+        if (self.every or self.at_start) and not self.data:
+            raise ValueError("learner.eval.every/at_start need learner.eval.data (an eval set)")
+        return self
 
 
 class LearnerConfig(Section):
@@ -201,6 +283,11 @@ class LearnerConfig(Section):
     )
     """Training stages, run in order."""
     data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    """Periodic validation (eval/* metrics)."""
+    export_checkpoints: bool = False
+    """Also write every checkpoint as an ordinary HF folder (checkpoints/step_N/hf), loadable by
+    vLLM, transformers and `or1 eval`."""
     loss: LossConfig = LossConfig()
     entropy: EntropyConfig = EntropyConfig()
     optim: OptimConfig = OptimConfig()
@@ -265,6 +352,10 @@ class RewardConfig(Section):
     after this fails the item (a timeout). The pool kills a worker stuck past it + a grace."""
     code_max_file_mb: int = Field(16, ge=1, le=4096)
     """RLIMIT_FSIZE of a sandboxed program, MiB: the largest file it may write."""
+    code_disk_mb: int = Field(64, ge=1, le=65536)
+    """Everything a sandboxed program may write in its directory, MiB: a tmpfs of this size (RAM,
+    freed with the run), so nothing reaches the host's disk. Without namespaces only
+    code_max_file_mb per file holds (a warning is logged)."""
     code_python: str = ""
     """Interpreter for sandboxed programs (stdlib only; run with -I). Empty = the first of this
     process's interpreter, its base interpreter and python3 on PATH that the sandbox user can run."""

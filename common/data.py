@@ -1,44 +1,56 @@
 """Problems: the records the learner hands out, loaded from built-in toy sets, local files, or the Hub.
 
-`load_problems(DataConfig)`:
-- `toy:NAME` → `toy_problems(NAME)` (generated, no files): `addition` is every single-digit sum
-  "a+b" (100 problems, kind math, reference the sum); `code` is small stdin/stdout programs (kind code,
-  reference a JSON test spec `{"inputs": [...], "outputs": [...]}`).
-- a local `.jsonl`/`.json`/`.parquet` file, a local folder, or a Hub name → `datasets.load_dataset`
-  (the split applies to Hub names and folders; a single file is its own "train" split).
+Sources (`data_sources(DataConfig)`): either the short form `source`/`split`/`limit`, or several
+`[[learner.data.sources]]` (path, split, weight, limit, kind, name) mixed by weight
+(learner/mixture.py). Each source is read as rows (`load_rows`):
+- `toy:NAME` → `toy_problems(NAME)` (generated, no files) as plain-schema rows: `addition` is every
+  single-digit sum "a+b" (100 problems, kind math, reference the sum); `code` is small stdin/stdout
+  programs (kind code, reference a JSON test spec `{"inputs": [...], "outputs": [...]}`).
+- a local `.jsonl` / `.json` (JSON lines, or one JSON array) / `.parquet` file, read as it is (no
+  schema unification, so `or1 filter` writes kept rows back unchanged);
+- a local folder or a Hub name → `datasets.load_dataset(name, split=split)`.
 Each row becomes a Problem by one of two schemas:
 - Skywork-OR1-RL-Data: `prompt` (list of {role, content}), `ability` ("math"/"code"),
-  `reward_model.ground_truth` (JSON text: for math a list of answers — the first is taken — or a string;
-  for code the test spec, passed through as text), `extra_info.index`, `data_source`; id
-  `"{data_source}-{index}"`.
+  `reward_model.ground_truth` (JSON text: for math a list of answers, any of which is right, or a
+  string; for code the test spec, passed through as text), `extra_info.index`,
+  `extra_info.model_difficulty`, `data_source`; id `"{data_source}-{index}"`.
 - plain: `prompt` (a string → one user message, or a message list), optional `id`, `kind` (default
-  math), and `answer` or `reference` (read like ground_truth above: a math list gives its first item, a
-  number its text; a code spec that is not text is JSON-encoded); id the `id` field or
-  `"{source name}-{row}"`.
-A row that fits neither is skipped with a warning naming the row and the reason; a source with no usable
-row is an error. Ids are made unique by suffixing `~row`. `limit` keeps the first rows (before
-conversion); `prompt_suffix` is appended to the last user message (joined with a space unless it starts
-with whitespace).
+  the source's kind, else math), `data_source`, and `answer` or `reference` (read like ground_truth
+  above; a code spec that is not text is JSON-encoded); id the `id` field or `"{source name}-{row}"`.
+A math reference keeps every gold answer: one answer as its text, several as a JSON list of strings,
+which the math scorer reads as "any of these" (rewards/math.py `parse_golds`).
+
+Usable rows (`prepare`): a row is unusable when it fits neither schema, when the scorer cannot parse
+its reference (the scorer's own parsing: `parse_golds` for math, `rewards.code.parse_spec` and the
+static part of the assertion plan for code), or when its chat-templated prompt is longer than the
+limit. `prepare` counts these per source and kind (`or1 check-data`); `training_prompts` refuses to
+start when more than `max_unusable_frac` of a source is unusable, unless `allow_unusable`. Ids are made
+unique by suffixing `~row` (and prefixing `source:` across sources). `prompt_suffix` is appended to the
+last user message (joined with a space unless it starts with whitespace).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
 from common.log import get_logger
 
 if TYPE_CHECKING:
-    from common.config import DataConfig
+    from common.config import Config, DataConfig
 
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = (".jsonl", ".json", ".parquet")
 MAX_ROW_WARNINGS = 5
 """Skipped rows logged one by one; beyond this only the count is logged."""
+KINDS = ("math", "code")
+USABLE, UNPARSEABLE, TOO_LONG = "usable", "unparseable", "too_long"
 
 
 class DataError(ValueError):
@@ -47,13 +59,33 @@ class DataError(ValueError):
 
 @dataclass
 class Problem:
-    """One prompt: `messages` in chat form, `kind` "math" | "code", `reference` the gold answer (math)
-    or the JSON test-spec text (code)."""
+    """One prompt: `messages` in chat form, `kind` "math" | "code", `reference` the gold answer(s)
+    (math) or the JSON test-spec text (code). `source` is the configured source's name, `data_source`
+    the row's own (a benchmark's name in eval files; else the source's), `row` the row's index in its
+    source, `difficulty` its `extra_info.model_difficulty` ({model: count of 16}) if any."""
 
     id: str
     messages: list[dict[str, str]]
     kind: str
     reference: str
+    source: str = ""
+    data_source: str = ""
+    row: int = -1
+    difficulty: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One resolved data source (see `data_sources`)."""
+
+    name: str
+    path: str
+    split: str = "train"
+    weight: float = 1.0
+    limit: int | None = None
+    kind: str | None = None
+    prompt_suffix: str = ""
+    seed: int = 0
 
 
 # ---------------------------------------------------------------- toy sets
@@ -85,6 +117,8 @@ def _code(seed: int, cases: int = 3) -> list[Problem]:
     return out
 
 
+# The tiny model's tokenizer is trained on these sets (common/tinymodel.py): changing one changes
+# the tokenizer of new builds, so add a set rather than edit one.
 TOY_SETS = {"addition": _addition, "code": _code}
 
 
@@ -94,6 +128,154 @@ def toy_problems(name: str, n: int | None = None, seed: int = 0) -> list[Problem
         raise DataError(f"unknown toy set {name!r}; known: {', '.join(sorted(TOY_SETS))}")
     problems = TOY_SETS[name](seed)
     return problems[:n] if n is not None else problems
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _source_name(path: str, split: str) -> str:
+    if path.startswith("toy:"):
+        return path[4:]
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p.stem
+    base = p.name if p.is_dir() else path.rstrip("/").rsplit("/", 1)[-1]
+    return base if split == "train" else f"{base}-{split}"
+
+
+def data_sources(cfg: "DataConfig") -> list[Source]:
+    """The configured sources, named (unique, metric-safe, never a kind's name)."""
+    from common.config import RESERVED_SOURCE_NAMES
+
+    if cfg.sources:
+        specs = [(s.path, s.split, s.weight, s.limit, s.kind, s.name,
+                  cfg.prompt_suffix if s.prompt_suffix is None else s.prompt_suffix) for s in cfg.sources]
+    else:
+        specs = [(cfg.source, cfg.split, 1.0, cfg.limit, None, "", cfg.prompt_suffix)]
+    taken = {name for *_, name, _ in specs if name}
+    out = []
+    for path, split, weight, limit, kind, name, suffix in specs:
+        if not name:
+            name = re.sub(r"[^A-Za-z0-9_.+-]", "_", _source_name(path, split)) or "data"
+            if name in RESERVED_SOURCE_NAMES:
+                name += "-data"
+            base, k = name, 2
+            while name in taken:
+                name, k = f"{base}-{k}", k + 1
+            taken.add(name)
+        elif any(s.name == name for s in out):
+            raise DataError(f"two data sources are named {name!r}: names must be unique")
+        out.append(Source(name, path, split, weight, limit, kind, suffix, cfg.seed))
+    return out
+
+
+@dataclass
+class BadRow:
+    """A row that could not even be read (e.g. a jsonl line that is not JSON)."""
+
+    reason: str
+
+
+class JsonlRows(Sequence):
+    """The rows of a JSON-lines file, read on demand (only line offsets are held); `line(i)` is the
+    row's original text, for writing it back unchanged."""
+
+    def __init__(self, path: Path, limit: int | None = None):
+        self.path = path
+        self._spans: list[tuple[int, int]] = []
+        with open(path, "rb") as f:
+            pos = 0
+            for raw in f:
+                if raw.strip():
+                    self._spans.append((pos, len(raw)))
+                    if limit is not None and len(self._spans) >= limit:
+                        break
+                pos += len(raw)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def line(self, i: int) -> bytes:
+        start, size = self._spans[i]
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            return f.read(size).rstrip(b"\r\n")
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        return _json_row(self.line(i))
+
+    def __iter__(self) -> Iterator[Any]:
+        with open(self.path, "rb") as f:
+            for start, size in self._spans:
+                f.seek(start)
+                yield _json_row(f.read(size))
+
+
+def _json_row(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        return BadRow(f"not JSON: {e}")
+
+
+class ArrowRows(Sequence):
+    """The rows of a parquet file (an Arrow table, memory-mapped), as Python dicts on demand."""
+
+    def __init__(self, table: Any):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        return self.table.slice(i, 1).to_pylist()[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.table.to_batches(max_chunksize=1024):
+            yield from batch.to_pylist()
+
+
+def toy_rows(name: str, limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """A toy set as plain-schema rows."""
+    return [{"id": p.id, "prompt": p.messages, "kind": p.kind, "reference": p.reference}
+            for p in toy_problems(name, limit, seed=seed)]
+
+
+def load_rows(src: Source) -> Sequence[Any]:
+    """The source's rows (dicts; a `BadRow` for a line that cannot be read), at most `src.limit`."""
+    if src.path.startswith("toy:"):
+        return toy_rows(src.path[4:], src.limit, src.seed)
+    path = Path(src.path).expanduser()
+    if path.is_file():
+        return _local_rows(path, src.limit)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(str(path) if path.is_dir() else src.path, split=src.split)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError…)
+        raise DataError(f"cannot load data source {src.path!r} (split {src.split!r}): {type(e).__name__}: {e}"
+                        " — a Hub name or folder needs its split (Skywork-OR1-RL-Data: math, code)") from None
+    if src.limit is not None and src.limit < len(ds):
+        ds = ds.select(range(src.limit))
+    return ds
+
+
+def _local_rows(path: Path, limit: int | None) -> Sequence[Any]:
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_FORMATS:
+        raise DataError(f"{path}: unknown file type (expected {', '.join(LOCAL_FORMATS)})")
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path, memory_map=True)
+            return ArrowRows(table.slice(0, limit) if limit is not None else table)
+        if suffix == ".json" and path.read_bytes()[:64].lstrip()[:1] == b"[":
+            rows = json.loads(path.read_text())
+            return rows[:limit] if limit is not None else rows
+        return JsonlRows(path, limit)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
 # ---------------------------------------------------------------- rows → problems
@@ -112,49 +294,71 @@ def _messages(prompt: Any) -> list[dict[str, str]]:
     raise ValueError(f"prompt must be a string or a non-empty message list, got {type(prompt).__name__}")
 
 
-def _math_answer(ground_truth: Any) -> str:
-    """First answer of a JSON list, or the string itself (JSON-decoded where it is JSON)."""
+def math_reference(ground_truth: Any) -> str:
+    """Every gold answer of a ground truth, as the math scorer reads it back: one answer as its text,
+    several as a JSON list of strings ("any of these"). Accepts a JSON list or string (as text or
+    decoded) or a number."""
+    from rewards.math import parse_golds
+
     value = ground_truth
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             return value
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError("ground_truth is an empty list")
-        value = value[0]
-    if isinstance(value, (dict, list)) or value is None:
-        raise ValueError(f"math ground_truth is not an answer: {str(value)[:80]!r}")
-    return str(value)
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ValueError("ground_truth is an empty list")
+    for v in items:
+        if isinstance(v, (dict, list, tuple)) or v is None:
+            raise ValueError(f"math ground_truth is not an answer: {str(v)[:80]!r}")
+    golds = [str(v) for v in items]
+    text = golds[0] if len(golds) == 1 else json.dumps(golds)
+    if parse_golds(text) != [g.strip() for g in golds]:  # e.g. one answer that reads as a JSON list
+        text = json.dumps(golds)
+    return text
 
 
 def _spec_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def row_to_problem(row: dict[str, Any], default_id: str) -> Problem:
+def _difficulty(extra: dict) -> dict[str, int] | None:
+    d = extra.get("model_difficulty")
+    if not isinstance(d, dict):
+        return None
+    out = {str(k): int(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out or None
+
+
+def row_to_problem(row: dict[str, Any], default_id: str, default_kind: str | None = None) -> Problem:
     """One dataset row in either schema (see the module docstring); ValueError names what is wrong."""
-    if "prompt" not in row:
+    if not isinstance(row, dict):
+        raise ValueError(row.reason if isinstance(row, BadRow) else f"row is a {type(row).__name__}, not an object")
+    if row.get("prompt") is None:
         raise ValueError("no `prompt` field")
     messages = _messages(row["prompt"])
+    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
     if isinstance(row.get("reward_model"), dict) and row["reward_model"].get("ground_truth") is not None:
-        kind = row.get("ability") or "math"
+        stated = row.get("ability")
         gt = row["reward_model"]["ground_truth"]
-        extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
         source, index = row.get("data_source"), extra.get("index")
         pid = f"{source}-{index}" if source is not None and index is not None else default_id
     else:
-        kind = row.get("kind") or "math"
+        stated = row.get("kind")
         # Arrow gives every row every column, so a missing field reads as None
         gt = next((row[k] for k in ("answer", "reference") if row.get(k) is not None), None)
         if gt is None:
             raise ValueError("no `answer`/`reference` field")
         pid = str(row["id"]) if row.get("id") is not None else default_id
-    if kind not in ("math", "code"):
+    if stated and default_kind and stated != default_kind:
+        raise ValueError(f"row kind {stated!r} differs from the source's kind {default_kind!r}")
+    kind = stated or default_kind or "math"
+    if kind not in KINDS:
         raise ValueError(f"kind/ability {kind!r} is neither math nor code")
-    reference = _math_answer(gt) if kind == "math" else _spec_text(gt)
-    return Problem(pid, messages, kind, reference)
+    reference = math_reference(gt) if kind == "math" else _spec_text(gt)
+    data_source = row.get("data_source") if isinstance(row.get("data_source"), str) else ""
+    return Problem(pid, messages, kind, reference, data_source=data_source, difficulty=_difficulty(extra))
 
 
 def with_suffix(messages: list[dict[str, str]], suffix: str) -> list[dict[str, str]]:
@@ -170,67 +374,133 @@ def with_suffix(messages: list[dict[str, str]], suffix: str) -> list[dict[str, s
     raise ValueError("prompt has no user message to append the suffix to")
 
 
-def rows_to_problems(rows: Any, source_name: str, suffix: str = "") -> list[Problem]:
-    """Convert rows (any iterable of dicts), skipping bad ones with a warning; ids made unique."""
-    log = get_logger(source=source_name)
+def _static_oracle(prefix: str, setup: list[str], exprs: list[str]) -> list[tuple[bool, Any]]:
+    """Stands in for the scorer's sandboxed oracle in the data check: every expected value 'evaluates',
+    so building the plan checks what needs no run (parsing, entry point, check(), some assert)."""
+    return [(True, None)] * len(exprs)
+
+
+def reference_error(kind: str, reference: str) -> str:
+    """"" when the scorer can parse `reference`, else why not — through the scorer's own parsing:
+    math `parse_golds` (some non-empty gold), code `parse_spec` and, for assertion tests, the plan
+    (test code and prefix parse, entry point, a check() that checks something) without the oracle's
+    sandbox run (a prefix that fails only when run is found when scoring: bad_reference)."""
+    if kind == "math":
+        from rewards.math import parse_golds
+
+        return "" if any(parse_golds(reference)) else "empty math reference"
+    from rewards.asserts import BadReference, build_plan
+    from rewards.code import AssertTests, parse_spec
+
+    try:
+        spec = parse_spec(reference)
+        if isinstance(spec, AssertTests):
+            build_plan(spec.test, spec.entry_point, spec.prefix, _static_oracle)
+    except (ValueError, BadReference) as e:  # BadReference is a ValueError; named for the reader
+        return str(e)
+    return ""
+
+
+@dataclass
+class SourceReport:
+    """What `prepare` made of one source: rows per kind and outcome, and why rows were unusable."""
+
+    source: str
+    rows: int = 0
+    counts: dict[str, Counter] = field(default_factory=dict)  # kind -> Counter(usable, unparseable, too_long)
+    reasons: Counter = field(default_factory=Counter)  # reason -> rows
+
+    def add(self, kind: str, outcome: str, reason: str = "") -> None:
+        self.counts.setdefault(kind, Counter())[outcome] += 1
+        if reason:
+            self.reasons[reason[:160]] += 1
+
+    def total(self, outcome: str) -> int:
+        return sum(c[outcome] for c in self.counts.values())
+
+    @property
+    def unusable_frac(self) -> float:
+        return 1.0 - self.total(USABLE) / self.rows if self.rows else 0.0
+
+
+def rows_to_problems(rows: Any, src: Source | str, suffix: str = "", report: SourceReport | None = None,
+                     check_references: bool = False) -> list[Problem]:
+    """Convert rows (any iterable of dicts), skipping bad ones (counted in `report`, logged); ids made
+    unique. `check_references`: also drop rows whose reference the scorer cannot parse."""
+    if isinstance(src, str):
+        src = Source(src, src, prompt_suffix=suffix)
+    report = report if report is not None else SourceReport(src.name)
+    log = get_logger(source=src.name)
     problems: list[Problem] = []
     seen: set[str] = set()
     skipped = 0
     for i, row in enumerate(rows):
+        report.rows += 1
+        kind = src.kind or (row.get("ability") or row.get("kind") if isinstance(row, dict) else None)
+        kind = kind if kind in KINDS else "unknown"
         try:
-            p = row_to_problem(row, f"{source_name}-{i}")
-            p.messages = with_suffix(p.messages, suffix)
+            p = row_to_problem(row, f"{src.name}-{i}", src.kind)
+            p.messages = with_suffix(p.messages, src.prompt_suffix)
+            why = reference_error(p.kind, p.reference) if check_references else ""
         except (ValueError, TypeError, AttributeError) as e:
+            why = str(e) or type(e).__name__
+        if why:
             skipped += 1
+            report.add(kind, UNPARSEABLE, why)
             if skipped <= MAX_ROW_WARNINGS:
-                log.warning("data.row_skipped", row=i, reason=str(e))
+                log.warning("data.row_skipped", row=i, reason=why[:200])
             continue
+        p.source, p.row = src.name, i
+        p.data_source = p.data_source or src.name
         if p.id in seen:
             p.id = f"{p.id}~{i}"
         seen.add(p.id)
         problems.append(p)
     if skipped:
         log.warning("data.rows_skipped", skipped=skipped, kept=len(problems))
-    if not problems:
-        raise DataError(f"{source_name}: no usable problem ({skipped} rows skipped)")
     return problems
 
 
-# ---------------------------------------------------------------- sources
+def load_source(src: Source, report: SourceReport | None = None, check_references: bool = False) -> list[Problem]:
+    """The problems of one source; DataError when it has no usable row."""
+    report = report if report is not None else SourceReport(src.name)
+    problems = rows_to_problems(load_rows(src), src, report=report, check_references=check_references)
+    if not problems:
+        raise DataError(f"{src.name} ({src.path}): no usable problem ({report.rows} rows; "
+                        f"{_top_reasons(report, 3) or 'empty'})")
+    return problems
 
 
-def _load_rows(source: str, split: str, limit: int | None) -> Any:
-    """A `datasets.Dataset` for a local file, a local folder, or a Hub name."""
-    import datasets
-
-    path = Path(source).expanduser()
-    try:
-        if path.is_file():
-            builder = LOCAL_FORMATS.get(path.suffix.lower())
-            if builder is None:
-                raise DataError(f"{source}: unknown file type (expected {', '.join(LOCAL_FORMATS)})")
-            ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
-        else:
-            ds = datasets.load_dataset(str(path) if path.is_dir() else source, split=split)
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ArrowInvalid…)
-        raise DataError(f"cannot load data source {source!r} (split {split!r}): {type(e).__name__}: {e}") from None
-    if limit is not None and limit < len(ds):
-        ds = ds.select(range(limit))
-    return ds
+def _unique_across(groups: list[list[Problem]]) -> list[Problem]:
+    out: list[Problem] = []
+    seen: set[str] = set()
+    for problems in groups:
+        for p in problems:
+            if p.id in seen:
+                p.id = f"{p.source}:{p.id}"
+            seen.add(p.id)
+            out.append(p)
+    return out
 
 
 def load_problems(cfg: "DataConfig") -> list[Problem]:
-    """All problems of `cfg.source` (see the module docstring), at most `cfg.limit`, with the suffix."""
-    if cfg.source.startswith("toy:"):
-        problems = toy_problems(cfg.source[4:], cfg.limit, seed=cfg.seed)
-        for p in problems:
-            p.messages = with_suffix(p.messages, cfg.prompt_suffix)
-        return problems
-    rows = _load_rows(cfg.source, cfg.split, cfg.limit)
-    name = Path(cfg.source).stem if Path(cfg.source).expanduser().exists() else cfg.source.rsplit("/", 1)[-1]
-    return rows_to_problems(rows, name, cfg.prompt_suffix)
+    """All problems of every configured source (see the module docstring), with their suffixes."""
+    return _unique_across([load_source(src) for src in data_sources(cfg)])
+
+
+# ---------------------------------------------------------------- tokens, checks
+
+
+def _prompt_ids(problem: Problem, tokenizer: Any) -> np.ndarray:
+    ids = tokenizer.apply_chat_template(problem.messages, add_generation_prompt=True, tokenize=True)
+    if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return np.asarray(ids, dtype=np.int32)
+
+
+def _need_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the model's tokenizer has no chat template (tokenizer_config.json / chat_template.jinja)")
 
 
 def tokenize_prompts(
@@ -239,15 +509,11 @@ def tokenize_prompts(
     """Prompt token ids (int32) through the tokenizer's chat template with the generation prompt.
     Problems longer than `max_prompt_tokens` are dropped (a truncated prompt is a different problem),
     with one warning giving the count."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the model's tokenizer has no chat template (tokenizer_config.json / chat_template.jinja)")
+    _need_template(tokenizer)
     out = []
     dropped = 0
     for p in problems:
-        ids = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        arr = np.asarray(ids, dtype=np.int32)
+        arr = _prompt_ids(p, tokenizer)
         if max_prompt_tokens is not None and len(arr) > max_prompt_tokens:
             dropped += 1
             continue
@@ -256,3 +522,104 @@ def tokenize_prompts(
         log = get_logger(max_prompt_tokens=max_prompt_tokens)
         log.warning("data.prompts_too_long", dropped=dropped, kept=len(out))
     return out
+
+
+def prompt_token_limit(cfg: "Config") -> int:
+    """Longest usable prompt: what actor.max_model_len leaves after the longest stage's responses
+    (at least 16), or learner.data.max_prompt_tokens if smaller."""
+    lc = cfg.learner
+    room = max(16, cfg.actor.max_model_len - max(s.max_response_tokens for s in lc.stages))
+    return min(room, lc.data.max_prompt_tokens) if lc.data.max_prompt_tokens else room
+
+
+@dataclass
+class Prepared:
+    """Usable problems with their prompt ids, and a report per source."""
+
+    pairs: list[tuple[Problem, np.ndarray]]
+    reports: list[SourceReport]
+    sources: list[Source]
+
+
+def prepare(cfg: "DataConfig", tokenizer: Any, max_prompt_tokens: int | None) -> Prepared:
+    """Load every source, parse every reference with the scorer's parsing, tokenize every prompt;
+    count per source and kind: usable, unparseable, too long. Raises DataError only for a source that
+    cannot be read at all (the share of unusable rows is judged by the caller)."""
+    _need_template(tokenizer)
+    sources = data_sources(cfg)
+    groups, reports = [], []
+    for src in sources:
+        report = SourceReport(src.name)
+        problems = rows_to_problems(load_rows(src), src, report=report, check_references=True)
+        kept = []
+        for p in problems:
+            ids = _prompt_ids(p, tokenizer)
+            if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+                report.add(p.kind, TOO_LONG, f"prompt longer than {max_prompt_tokens} tokens")
+                continue
+            report.add(p.kind, USABLE)
+            kept.append((p, ids))
+        groups.append(kept)
+        reports.append(report)
+    ids_of = {id(p): ids for kept in groups for p, ids in kept}
+    problems = _unique_across([[p for p, _ in kept] for kept in groups])
+    return Prepared([(p, ids_of[id(p)]) for p in problems], reports, sources)
+
+
+def unusable_error(prepared: Prepared, max_frac: float) -> str:
+    """Why the learner should not start ("" = fine): a source with no usable row, or more than
+    `max_frac` of its rows unusable."""
+    bad = [r for r in prepared.reports if r.rows == 0 or r.total(USABLE) == 0 or r.unusable_frac > max_frac]
+    if not bad:
+        return ""
+    parts = [f"{r.source}: {r.rows - r.total(USABLE)} of {r.rows} rows unusable ({100 * r.unusable_frac:.1f} %"
+             f"{'; ' + _top_reasons(r, 2) if r.reasons else ''})" for r in bad]
+    return (f"data check failed (more than {100 * max_frac:g} % of a source unusable): " + "; ".join(parts)
+            + ". See `or1 check-data CONFIG`; fix the data, or set learner.data.allow_unusable = true to "
+              "train on the usable rows")
+
+
+def _top_reasons(report: SourceReport, n: int) -> str:
+    return ", ".join(f"{reason} ×{k}" for reason, k in report.reasons.most_common(n))
+
+
+def format_report(prepared: Prepared, max_prompt_tokens: int | None) -> str:
+    """The check as a table: one line per source and kind, then the commonest reasons per source."""
+    head = f"{'source':<28} {'kind':<8} {'rows':>8} {'usable':>8} {'unparseable':>12} {'too_long':>9} {'unusable':>9}"
+    lines = [f"prompts up to {max_prompt_tokens} tokens" if max_prompt_tokens else "no prompt length limit", head]
+    for r, src in zip(prepared.reports, prepared.sources):
+        for kind, c in sorted(r.counts.items()):
+            rows = sum(c.values())
+            frac = 1 - c[USABLE] / rows if rows else 0.0
+            lines.append(f"{r.source:<28} {kind:<8} {rows:>8} {c[USABLE]:>8} {c[UNPARSEABLE]:>12} "
+                         f"{c[TOO_LONG]:>9} {100 * frac:>8.1f}%")
+        if not r.counts:
+            lines.append(f"{r.source:<28} {'-':<8} {0:>8} {0:>8} {0:>12} {0:>9} {'-':>9}")
+        for reason, k in r.reasons.most_common(5):
+            lines.append(f"    {r.source}: {k} × {reason}")
+    return "\n".join(lines)
+
+
+def report_dict(prepared: Prepared) -> dict[str, Any]:
+    """The check as JSON: {source: {kind: {usable, unparseable, too_long}, "unusable_frac", "reasons"}}."""
+    return {r.source: {**{k: {o: c[o] for o in (USABLE, UNPARSEABLE, TOO_LONG)} for k, c in r.counts.items()},
+                       "rows": r.rows, "unusable_frac": round(r.unusable_frac, 6),
+                       "reasons": dict(r.reasons.most_common(10))} for r in prepared.reports}
+
+
+def training_prompts(cfg: "Config", tokenizer: Any) -> list[tuple[Problem, np.ndarray]]:
+    """What the learner trains on: `prepare` with the run's prompt limit, logged per source; DataError
+    when a source is too unusable (unless learner.data.allow_unusable)."""
+    data = cfg.learner.data
+    prepared = prepare(data, tokenizer, prompt_token_limit(cfg))
+    log = get_logger()
+    for r in prepared.reports:
+        log.info("data.source", source=r.source, rows=r.rows, usable=r.total(USABLE),
+                 unparseable=r.total(UNPARSEABLE), too_long=r.total(TOO_LONG),
+                 kinds={k: c[USABLE] for k, c in r.counts.items()})
+    why = unusable_error(prepared, data.max_unusable_frac)
+    if why and not (data.allow_unusable and prepared.pairs):
+        raise DataError(why)
+    if why:
+        log.warning("data.unusable_allowed", reason=why)
+    return prepared.pairs

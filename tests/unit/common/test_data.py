@@ -144,7 +144,8 @@ def test_no_usable_row_and_missing_source_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize(
     "gt, answer",
-    [('["5", "five"]', "5"), ('"\\\\pi"', "\\pi"), ("x^2", "x^2"), ("[3]", "3"), ("12", "12")],
+    [('["5", "five"]', '["5", "five"]'), ('"\\\\pi"', "\\pi"), ("x^2", "x^2"), ("[3]", "3"), ("12", "12"),
+     ('["8"]', "8"), ("[1, 2]", '["1", "2"]'), ('["[\\"a\\"]"]', '["[\\"a\\"]"]')],
 )
 def test_math_ground_truth_forms(gt, answer):
     row = {"prompt": [{"role": "user", "content": "q"}], "ability": "math", "reward_model": {"ground_truth": gt}}
