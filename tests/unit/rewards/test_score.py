@@ -80,3 +80,42 @@ def test_record_to_item_stringifies_references():
     assert as_list.reference == '["2", "two"]'
     as_object = record_to_item('{"response": "r", "reference": {"test": "x"}}', "code")[1]
     assert as_object.reference == '{"test": "x"}'
+
+
+def test_every_record_gets_a_line_surrogates_and_bad_bytes_included(tmp_path: Path):
+    """A lone surrogate in an id or an extracted answer once killed the writer (UnicodeEncodeError),
+    losing every later record; so did a line that is not UTF-8. Now each yields one line."""
+    path = tmp_path / "in.jsonl"
+    records = [
+        '{"id": "\\ud800", "response": "\\\\boxed{1}", "reference": "1"}',  # surrogate id
+        '{"id": "b", "response": "\\\\boxed{\\ud800}", "reference": "1"}',  # surrogate answer
+        '{"id": "c", "response": "\\\\boxed{2}", "reference": "2"}',
+        '{"id": [[[[1]]]], "response": 3, "reference": "1"}',  # wrong type
+        '[' * 100_000 + ']' * 100_000,  # nested past the recursion limit
+        '{"id": "d", "response": "\\\\boxed{3}", "reference": {"a": 1}}',
+    ]
+    path.write_bytes(("\n".join(records) + "\n").encode() + b'{"id": "\xff\xfe"}\n' +
+                     b'{"id": "e", "response": "\\\\boxed{5}", "reference": "5"}\n')
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)  # a real UTF-8 writer, like stdout
+    assert score_file(str(path), "math", 1, CFG, out) == 0
+    rows = [json.loads(line) for line in raw.getvalue().decode("utf-8").splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert rows[0]["id"] == "\ud800" and rows[0]["reward"] == 1.0
+    assert rows[1]["id"] == "b" and rows[1]["reward"] == 0.0
+    assert rows[2]["reward"] == 1.0 and rows[7]["reward"] == 1.0
+    assert rows[3]["error"] == "malformed record: missing or non-string 'response'"
+    assert rows[4]["error"].startswith("malformed record: not JSON")
+    assert rows[5]["reward"] == 0.0
+    assert rows[6]["error"] == "malformed record: not UTF-8 text"
+
+
+def test_result_line_never_raises():
+    from bus.messages import ScoreOut
+    from rewards.score import result_line
+
+    line = result_line(3, "\udcff", ScoreOut(0.0, detail="x\ud800"))
+    line.encode("utf-8")
+    assert json.loads(line) == {"line": 3, "id": "\udcff", "reward": 0.0, "detail": "x\ud800"}
+    assert json.loads(result_line(1, "é", ScoreOut(1.0))) == {"line": 1, "id": "é", "reward": 1.0}
+    assert "é" in result_line(1, "é", ScoreOut(1.0))  # readable when it can be
