@@ -1,59 +1,88 @@
 """Code reward: run the response's program against the reference tests in the sandbox; 1 only if
-every test passes.
+every test passes. Whether a test passed is decided here, in the scorer, never inside the
+sandbox that runs the program.
 
 Algorithm (``score_code``):
 
 1. The program is the last fenced block opened with ```` ```python ```` (```` ```python3 ```` too) in
    the text after the last ``</think>`` (the whole response if none). No block → 0 with an error;
    a program that does not compile → 0 (detail "syntax error"), without running anything.
-2. The reference (JSON text, or JSON text holding a JSON string) is one of:
-   - **stdin/stdout** ``{"inputs": [...], "outputs": [...]}`` (LiveCodeBench, TACO): one sandbox
+2. The reference (JSON text, or JSON text holding a JSON string; the formats of
+   Skywork-OR1-RL-Data's code split and of the benchmarks it borrows from) is one of:
+   - **stdin/stdout** ``{"inputs": [...], "outputs": [...]}`` (TACO, LiveCodeBench): one sandbox
      run per case with the input on stdin; outputs compared after stripping trailing whitespace of
      each line and trailing blank lines. A case given as a list of lines is joined with newlines.
-   - **call-based** ``{"fn_name": f, "inputs": [...], "outputs": [...]}`` (LiveCodeBench, TACO,
-     APPS): every case in one sandbox run through ``HARNESS``: ``Solution().f`` when the program
-     defines ``class Solution`` with that method, else the module-level ``f``; called with
-     ``*args``, each case under its own timer. An input that is a list is the argument list; a
-     string is LiveCodeBench's one-JSON-value-per-line (and its output is then JSON text too).
-     A result passes if, after a JSON round trip (tuples become lists), it ``==`` the expected
-     output, or the expected output is a one-element list holding it (APPS convention).
-   - **assertion** ``{"test": "def check(candidate): ...", "entry_point": "add"}`` (HumanEval):
-     the program, then the test code, then ``check(add)``; without ``entry_point`` the test code
-     itself (e.g. MBPP's asserts) is the check. One sandbox run.
+   - **call-based** ``{"fn_name": f, "inputs": [...], "outputs": [...]}`` (TACO, APPS,
+     LiveCodeBench): all cases in one harness run: ``Solution().f`` when the program defines
+     ``class Solution`` with that method, else the module-level ``f``; called with ``*args``. An
+     input that is a list is the argument list; a string is LiveCodeBench's one-JSON-value-per-line
+     (and its output is then JSON text too). A result passes if, after a JSON round trip (tuples
+     become lists, sets sorted lists), it ``==`` the expected output, or the expected output is a
+     one-element list holding it (APPS convention).
+   - **LeetCode** ``{"import_prefix": P, "test_code": "def check(candidate): ...",
+     "entry_point": "Solution().twoSum"}`` (Skywork's LeetCode rows): P (imports, ``ListNode``,
+     ``TreeNode`` and their helpers) runs before the program; ``check`` gets the entry point, a fresh
+     ``Solution()`` per call.
+   - **assertion** ``{"test": "def check(candidate): ...", "entry_point": "add"}`` (HumanEval; an
+     optional ``import_prefix`` as above); without ``entry_point`` the test code itself is the
+     check (MBPP's asserts), and ``{"assert_case": [code, ...]}`` (Skywork's scorer) is that too.
+   LeetCode and assertion tests are split by ``rewards/asserts.py``: the scorer evaluates each
+   expected value itself and compares it with the value the sandbox reports; what cannot be split
+   still runs in the sandbox the old way (counted in the detail as "unverified").
    Every program runs after ``IMPORT_PRELUDE`` (the LiveCodeBench/Skywork habit: ``List``,
-   ``defaultdict``, ``heapq``, ``inf``... without imports). The function under test and the
-   assertion code see only names the program itself defined, so the prelude's ``operator.add``
-   never stands in for a missing ``add``.
-3. Cases run in order and stop at the first failure. Each gets ``code_timeout_s`` of wall time;
+   ``defaultdict``, ``heapq``, ``inf``... without imports). The function under test and the test
+   code see only names the program (or the reference's prefix) defined, so the prelude's
+   ``operator.add`` never stands in for a missing ``add``.
+3. Cases run in order; the first failure decides. Each case gets ``code_timeout_s`` of wall time;
    all of an item's runs share ``code_item_timeout_s``.
 
-The harness writes its verdict to a file with a nonce it read from stdin, only after the tests
-ran, so a program that exits early (``sys.exit(0)``, ``os._exit(0)``) or crashes never passes.
-It guards against accidents and cheap tricks, not a program that digs the nonce out of the
-harness's own frames. ``error`` is set when the item could not be judged (no code block, bad
-reference, sandbox failure); why a judged program failed goes to ``detail``.
+Trust: the sandbox runs ``rewards/harness.py`` around the program and reports only *values* over a
+pipe (``rewards/results.py`` parses them as data). The program can rewrite the harness, exit
+early, patch builtins or forge records, but it cannot see the expected values (they never enter
+its sandbox), so a forged report can only pass by carrying the right outputs.
+
+Errors: ``error`` is set when the item could not be judged; why a judged program failed goes to
+``detail``. Error codes (the text before the first ":"), for counting per source:
+- ``bad_reference`` — the reference matches no format, or its test code is unusable (does not
+  parse, checks nothing, no ``check`` for its entry point...). Logged once per reference with the
+  reason; the item scores 0. Fix the data.
+- ``reference_eval`` — evaluating the reference's expected values failed in a way that may not
+  recur (the oracle run was killed); the item scores 0.
+- ``no ```python code block`` — the response holds no program.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math as _math
 import re
-import secrets
 import signal
 import time
-from dataclasses import dataclass
-from typing import Any, Union
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import structlog
 
 from bus.messages import ScoreOut
 from common.config import RewardConfig
+from rewards.asserts import BadReference, Plan, build_plan, judge
+from rewards.results import Opaque, Report, parse_channel
 from rewards.sandbox import RunResult, SandboxLimits, run_program
+
+log = structlog.get_logger()
 
 THINK_END = "</think>"
 CODE_BLOCK = re.compile(r"```python3?[ \t]*\r?\n(.*?)```", re.DOTALL)
-RUN_OVERHEAD_S = 1.0  # interpreter start + harness, added to a call-based run's wall budget
+RUN_OVERHEAD_S = 1.0  # interpreter start + harness, added to a harness run's wall budget
 DETAIL_CHARS = 200
+PLAN_CACHE_SIZE = 512  # assertion plans kept per process: a group's responses share one reference
+HARNESS = (Path(__file__).parent / "harness.py").read_text()
+BAD_REFERENCE = "bad_reference"
+REFERENCE_EVAL = "reference_eval"
 
 IMPORT_PRELUDE = """\
 from typing import *
@@ -68,78 +97,6 @@ from operator import *
 import sys, os, re, math, heapq, bisect, collections, itertools, functools, string, operator
 inf = float('inf')
 """
-
-# Runs inside the sandbox as main.py, beside solution.py and spec.json; stdin holds the nonce.
-HARNESS = r'''
-import json, os, signal, sys
-
-class _CaseTimeout(BaseException):
-    pass
-
-def _expire(signum, frame):
-    raise _CaseTimeout()
-
-def _jsonable(o):
-    if isinstance(o, (set, frozenset)):
-        try:
-            return sorted(o)
-        except TypeError:
-            return list(o)
-    raise TypeError(f"result of type {type(o).__name__} is not JSON serialisable")
-
-def _resolve(defined, name):
-    cls = defined.get("Solution")
-    if isinstance(cls, type) and hasattr(cls, name):
-        return getattr(cls(), name)
-    if callable(defined.get(name)):
-        return defined[name]
-    raise NameError(f"function {name!r} is not defined")
-
-def _main():
-    nonce = sys.stdin.readline().strip()
-    sys.stdin = open(os.devnull)
-    with open("spec.json") as f:
-        spec = json.load(f)
-    with open("solution.py") as f:
-        source = f.read()
-    verdict = {"nonce": nonce, "status": "error", "results": [], "detail": ""}
-    signal.signal(signal.SIGALRM, _expire)
-    g = {"__name__": "__main__", "__builtins__": __builtins__}
-    try:
-        signal.setitimer(signal.ITIMER_REAL, spec["timeout_s"])
-        exec(compile(spec["prelude"], "<prelude>", "exec"), g)
-        prelude = dict(g)
-        exec(compile(source, "solution.py", "exec"), g)
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        # Tests see only what the program defined: operator.add from the prelude is no `add`.
-        defined = {k: v for k, v in g.items() if k not in prelude or v is not prelude[k]}
-        if spec["mode"] == "call":
-            fn = _resolve(defined, spec["fn_name"])
-            for args in spec["inputs"]:
-                signal.setitimer(signal.ITIMER_REAL, spec["timeout_s"])
-                out = fn(*args)
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                verdict["results"].append(json.loads(json.dumps(out, default=_jsonable)))
-        else:
-            signal.setitimer(signal.ITIMER_REAL, spec["timeout_s"])
-            t = {"__name__": "__main__", "__builtins__": __builtins__, **defined}
-            exec(compile(spec["test"], "test.py", "exec"), t)
-            if spec["entry_point"]:
-                t["check"](defined[spec["entry_point"]])
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        verdict["status"] = "ok"
-    except _CaseTimeout:
-        verdict["status"], verdict["detail"] = "timeout", f"case {len(verdict['results'])}: timeout"
-    except SystemExit as e:
-        verdict["detail"] = f"program exited ({e.code!r}) before the tests finished"
-    except BaseException as e:
-        verdict["detail"] = f"case {len(verdict['results'])}: {type(e).__name__}: {e}"[:500]
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    with open("verdict.json", "w") as f:
-        json.dump(verdict, f)
-
-_main()
-'''
 
 
 @dataclass
@@ -159,9 +116,21 @@ class CallTests:
 class AssertTests:
     test: str
     entry_point: str
+    prefix: str = ""
 
 
 TestSpec = Union[StdioTests, CallTests, AssertTests]
+
+
+@dataclass
+class _Run:
+    """What one harness run reported, with how to judge case i's value ("" = passed)."""
+
+    run: RunResult
+    report: Report
+    cases: int
+    judge: Callable[[int, Any], str]
+    label: Callable[[int], str] = field(default=lambda i: f"case {i}")
 
 
 def extract_program(response: str) -> str | None:
@@ -179,6 +148,13 @@ def _lcb_args(text: str) -> list[Any]:
     return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
+def _text_field(spec: dict, key: str) -> str:
+    value = spec.get(key) or ""
+    if not isinstance(value, str):
+        raise ValueError(f"reference {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
 def parse_spec(reference: str | dict) -> TestSpec:
     """The test spec in a reference; ValueError with a one-line reason when it is not one."""
     spec: Any = reference
@@ -190,13 +166,20 @@ def parse_spec(reference: str | dict) -> TestSpec:
                 raise ValueError(f"reference is not JSON: {e}") from None
     if not isinstance(spec, dict):
         raise ValueError(f"reference must be a JSON object, got {type(spec).__name__}")
-    if "test" in spec:
-        if not isinstance(spec["test"], str):
-            raise ValueError("reference 'test' must be a string")
-        return AssertTests(spec["test"], str(spec.get("entry_point") or ""))
+    if "test_code" in spec or "test" in spec:
+        key = "test_code" if "test_code" in spec else "test"
+        if not isinstance(spec[key], str):
+            raise ValueError(f"reference {key!r} must be a string")
+        return AssertTests(spec[key], _text_field(spec, "entry_point").strip(), _text_field(spec, "import_prefix"))
+    if "assert_case" in spec:
+        cases = spec["assert_case"]
+        if not isinstance(cases, list) or not cases or not all(isinstance(c, str) for c in cases):
+            raise ValueError("reference 'assert_case' must be a non-empty list of strings")
+        return AssertTests("\n".join(cases), "", _text_field(spec, "import_prefix"))
     inputs, outputs = spec.get("inputs"), spec.get("outputs")
     if not isinstance(inputs, list) or not isinstance(outputs, list):
-        raise ValueError("reference needs 'inputs' and 'outputs' lists, or 'test'")
+        raise ValueError(f"reference has none of the known formats (keys: {', '.join(sorted(spec))[:100]}): "
+                         "needs 'inputs' and 'outputs' lists, 'test_code' or 'test', or 'assert_case'")
     if len(inputs) != len(outputs) or not inputs:
         raise ValueError(f"reference has {len(inputs)} inputs and {len(outputs)} outputs")
     if spec.get("fn_name"):
@@ -230,6 +213,20 @@ def call_output_matches(got: Any, expected: Any) -> bool:
     return isinstance(expected, list) and len(expected) == 1 and got == expected[0]
 
 
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (set, frozenset)):
+        try:
+            return sorted(o)
+        except TypeError:
+            return list(o)
+    raise TypeError(f"result of type {type(o).__name__} is not JSON serialisable")
+
+
+def json_round_trip(value: Any) -> Any:
+    """A decoded call result as the old harness's JSON round trip left it (TypeError if none)."""
+    return json.loads(json.dumps(value, default=_jsonable))
+
+
 def sandbox_limits(cfg: RewardConfig, wall_s: float, cases: int = 1) -> SandboxLimits:
     """Limits of one run holding `cases` test cases: CPU seconds are per case, capped by the wall."""
     return SandboxLimits(
@@ -239,6 +236,7 @@ def sandbox_limits(cfg: RewardConfig, wall_s: float, cases: int = 1) -> SandboxL
         fsize_mb=cfg.code_max_file_mb,
         max_processes=cfg.code_max_processes,
         max_output_bytes=cfg.code_max_output_bytes,
+        disk_mb=cfg.code_disk_mb,
         network_isolation=cfg.code_network_namespace,
         python=cfg.code_python,
         uid_base=cfg.code_uid_base,
@@ -252,6 +250,9 @@ def _failure(run: RunResult, case: int) -> str:
         return f"case {case}: killed by {signal.Signals(-run.returncode).name}"
     last = run.stderr.strip().splitlines()[-1:] or [f"exit code {run.returncode}"]
     return f"case {case}: {last[0]}"[:DETAIL_CHARS]
+
+
+# --- stdin/stdout -----------------------------------------------------------------------------------
 
 
 def _run_stdio(program: str, tests: StdioTests, cfg: RewardConfig, deadline: float) -> ScoreOut:
@@ -268,43 +269,154 @@ def _run_stdio(program: str, tests: StdioTests, cfg: RewardConfig, deadline: flo
     return ScoreOut(1.0, detail=f"passed {len(tests.inputs)}/{len(tests.inputs)}")
 
 
-def _run_harness(program: str, tests: CallTests | AssertTests, cfg: RewardConfig,
-                 deadline: float) -> ScoreOut:
-    n = len(tests.inputs) if isinstance(tests, CallTests) else 1
-    spec = {"prelude": IMPORT_PRELUDE, "timeout_s": cfg.code_timeout_s}
-    if isinstance(tests, CallTests):
-        spec.update(mode="call", fn_name=tests.fn_name, inputs=tests.inputs)
-    else:
-        spec.update(mode="assert", test=tests.test, entry_point=tests.entry_point)
-    wall = min(cfg.code_timeout_s * n + RUN_OVERHEAD_S, deadline - time.monotonic())
+# --- harness runs (call-based, assertion, oracle) -------------------------------------------------------
+
+
+def _harness(spec: dict, units: int, cfg: RewardConfig, deadline: float, channel_bytes: int
+             ) -> tuple[RunResult, Report] | None:
+    """Run the harness on `spec` with a budget of `units` × code_timeout_s; None if no time is left."""
+    wall = min(cfg.code_timeout_s * units + RUN_OVERHEAD_S, deadline - time.monotonic())
     if wall <= 0:
+        return None
+    spec = {**spec, "timeout_s": cfg.code_timeout_s, "budget_s": max(0.05, wall - RUN_OVERHEAD_S)}
+    run = run_program(HARNESS, json.dumps(spec), sandbox_limits(cfg, wall, units), channel_bytes=channel_bytes)
+    return run, parse_channel(run.channel)
+
+
+def _verdict(r: _Run, passed: str) -> ScoreOut:
+    """1.0 only if every case has a value that its judge accepts and the harness ran through."""
+    rep = r.report
+    if rep.malformed:
+        return ScoreOut(0.0, detail=f"result channel: {rep.malformed}")
+    for i in range(r.cases):
+        if i in rep.errors:
+            return ScoreOut(0.0, detail=f"{r.label(i)}: {rep.errors[i]}"[:DETAIL_CHARS])
+        if i not in rep.values:
+            if r.run.killed_reason:
+                why = r.run.killed_reason
+            elif rep.error:
+                why = rep.error
+            elif r.run.returncode:
+                why = _failure(r.run, i).split(": ", 1)[1]
+            else:
+                why = "no result"
+            return ScoreOut(0.0, detail=f"{r.label(i)}: {why}"[:DETAIL_CHARS])
+        why = r.judge(i, rep.values[i])
+        if why:
+            return ScoreOut(0.0, detail=f"{r.label(i)}: {why}"[:DETAIL_CHARS])
+    if not rep.done:
+        why = rep.error or r.run.killed_reason or "the tests did not run through"
+        return ScoreOut(0.0, detail=why[:DETAIL_CHARS])
+    return ScoreOut(1.0, detail=passed)
+
+
+def _judge_call(expected: list[Any]) -> Callable[[int, Any], str]:
+    def judge_case(i: int, value: Any) -> str:
+        if isinstance(value, Opaque):
+            return f"result of type {value.type_name} is not JSON serialisable"
+        try:
+            got = json_round_trip(value)
+        except (TypeError, ValueError, RecursionError) as e:
+            return str(e)[:DETAIL_CHARS]
+        return "" if call_output_matches(got, expected[i]) else "wrong answer"
+    return judge_case
+
+
+def _run_call(program: str, tests: CallTests, cfg: RewardConfig, deadline: float, ref_size: int) -> ScoreOut:
+    n = len(tests.inputs)
+    spec = {"mode": "call", "prelude": IMPORT_PRELUDE, "prefix": "", "source": program,
+            "fn_name": tests.fn_name, "inputs": tests.inputs}
+    done = _harness(spec, n, cfg, deadline, _channel_bytes(cfg, ref_size))
+    if done is None:
         return ScoreOut(0.0, detail="item time budget spent")
-    nonce = secrets.token_hex(16)
-    files = {"solution.py": program, "spec.json": json.dumps(spec)}
-    run, verdict = _run_with_verdict(HARNESS, nonce, files, sandbox_limits(cfg, wall, n))
-    if verdict is None or verdict.get("nonce") != nonce:
-        return ScoreOut(0.0, detail=_failure(run, 0) if run.killed_reason or run.returncode else "no verdict")
-    if verdict.get("status") != "ok":
-        return ScoreOut(0.0, detail=str(verdict.get("detail", ""))[:DETAIL_CHARS])
-    if isinstance(tests, CallTests):
-        results = verdict.get("results")
-        if not isinstance(results, list) or len(results) != n:
-            return ScoreOut(0.0, detail="missing results")
-        for i, (got, expected) in enumerate(zip(results, tests.outputs)):
-            if not call_output_matches(got, expected):
-                return ScoreOut(0.0, detail=f"case {i}: wrong answer")
-    return ScoreOut(1.0, detail=f"passed {n}/{n}")
+    return _verdict(_Run(done[0], done[1], n, _judge_call(tests.outputs)), f"passed {n}/{n}")
 
 
-def _run_with_verdict(harness: str, nonce: str, files: dict[str, str],
-                      limits: SandboxLimits) -> tuple[RunResult, dict | None]:
-    """Run the harness (nonce on stdin) and read back the verdict.json it wrote, if any."""
-    run = run_program(harness, nonce + "\n", limits, files, collect=("verdict.json",))
-    try:
-        verdict = json.loads(run.collected.get("verdict.json", b""))
-    except ValueError:
-        return run, None
-    return run, verdict if isinstance(verdict, dict) else None
+def _run_assert(program: str, plan: Plan, cfg: RewardConfig, deadline: float, ref_size: int) -> ScoreOut:
+    n = len(plan.cases)
+    spec = {"mode": "assert", "prelude": IMPORT_PRELUDE, "prefix": plan.prefix, "source": program,
+            "test": plan.test, "entry_point": plan.entry_point}
+    done = _harness(spec, n + 1, cfg, deadline, _channel_bytes(cfg, ref_size))
+    if done is None:
+        return ScoreOut(0.0, detail="item time budget spent")
+    passed = f"passed {n}/{n}" + (f"; {plan.unverified} statements unverified" if plan.unverified else "")
+    r = _Run(done[0], done[1], n, lambda i, v: judge(plan.cases[i], v),
+             lambda i: f"case {i} (line {plan.cases[i].line})")
+    return _verdict(r, passed)
+
+
+def _channel_bytes(cfg: RewardConfig, ref_size: int) -> int:
+    """Room for the results: the output cap plus twice the reference (expected values live there)."""
+    return cfg.code_max_output_bytes + 2 * ref_size
+
+
+# --- assertion plans and the oracle --------------------------------------------------------------------
+
+_plans: OrderedDict[tuple[str, str, str], Plan | BadReference] = OrderedDict()
+
+
+class ReferenceEvalError(RuntimeError):
+    """The oracle run failed in a way that may not recur (not cached)."""
+
+
+def assert_plan(tests: AssertTests, cfg: RewardConfig) -> Plan:
+    """The (cached) plan of an assertion reference; BadReference or ReferenceEvalError."""
+    key = (tests.prefix, tests.test, tests.entry_point)
+    hit = _plans.get(key)
+    if hit is None:
+        try:
+            hit = build_plan(tests.test, tests.entry_point, tests.prefix, _oracle(cfg))
+        except BadReference as e:
+            hit = e
+        _plans[key] = hit
+        while len(_plans) > PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    if isinstance(hit, BadReference):
+        raise hit
+    return hit
+
+
+def _oracle(cfg: RewardConfig) -> Callable[[str, list[str], list[str]], list[tuple[bool, Any]]]:
+    """Evaluates expected values in a sandbox that holds the reference's prefix and setup only."""
+    def evaluate(prefix: str, setup: list[str], exprs: list[str]) -> list[tuple[bool, Any]]:
+        spec = {"mode": "oracle", "prefix": prefix, "setup": setup, "exprs": exprs}
+        size = len(prefix) + sum(map(len, setup)) + sum(map(len, exprs))
+        deadline = time.monotonic() + cfg.code_item_timeout_s
+        done = _harness(spec, len(exprs) + 1, cfg, deadline, _channel_bytes(cfg, size))
+        assert done is not None
+        run, rep = done
+        if not rep.done:
+            if rep.error and not run.killed_reason:
+                raise BadReference(f"import prefix or test setup fails: {rep.error}"[:DETAIL_CHARS])
+            if run.killed_reason == "timeout" or rep.error == "timeout":
+                raise BadReference("evaluating the expected values timed out")
+            raise ReferenceEvalError(f"oracle run failed: {_failure(run, 0)}")
+        out = []
+        for i in range(len(exprs)):
+            value = rep.values.get(i)
+            if i in rep.values and not isinstance(value, Opaque):
+                out.append((True, value))
+            else:
+                out.append((False, rep.errors.get(i, "no value")))
+        return out
+    return evaluate
+
+
+_logged_bad: set[str] = set()
+
+
+def _bad_reference(reason: str, reference: str | dict) -> ScoreOut:
+    """ScoreOut with a `bad_reference` error; logged once per reference (a group shares one)."""
+    text = reference if isinstance(reference, str) else json.dumps(reference, default=str)
+    digest = hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()
+    if digest not in _logged_bad:
+        if len(_logged_bad) > 100_000:
+            _logged_bad.clear()
+        _logged_bad.add(digest)
+        log.warning("code/bad_reference", reason=reason, reference=text[:300], sha1=digest[:12])
+    return ScoreOut(0.0, error=f"{BAD_REFERENCE}: {reason}"[:DETAIL_CHARS])
 
 
 def score_code(response: str, reference: str | dict, cfg: RewardConfig) -> ScoreOut:
@@ -312,15 +424,27 @@ def score_code(response: str, reference: str | dict, cfg: RewardConfig) -> Score
     try:
         tests = parse_spec(reference)
     except ValueError as e:
-        return ScoreOut(0.0, error=f"bad reference: {e}"[:DETAIL_CHARS])
+        return _bad_reference(str(e), reference)
+    plan = None
+    if isinstance(tests, AssertTests):
+        try:
+            plan = assert_plan(tests, cfg)
+        except BadReference as e:
+            return _bad_reference(str(e), reference)
+        except ReferenceEvalError as e:
+            return ScoreOut(0.0, error=f"{REFERENCE_EVAL}: {e}"[:DETAIL_CHARS])
     program = extract_program(response)
     if program is None:
         return ScoreOut(0.0, error="no ```python code block")
     try:
         ast.parse(program)
+        program.encode("utf-8")
     except (SyntaxError, ValueError) as e:
         return ScoreOut(0.0, detail=f"syntax error: {e}"[:DETAIL_CHARS])
     deadline = time.monotonic() + cfg.code_item_timeout_s
+    ref_size = len(reference) if isinstance(reference, str) else len(json.dumps(reference, default=str))
     if isinstance(tests, StdioTests):
         return _run_stdio(program, tests, cfg, deadline)
-    return _run_harness(program, tests, cfg, deadline)
+    if isinstance(tests, CallTests):
+        return _run_call(program, tests, cfg, deadline, ref_size)
+    return _run_assert(program, plan, cfg, deadline, ref_size)

@@ -2,9 +2,10 @@
 
 Two halves:
 - the child side, run by ``subprocess`` between fork and exec (`ChildSetup`, a preexec_fn):
-  unshare the namespaces, shadow world-writable directories with private tmpfs mounts, bind the
-  run's directory back, fork the PID namespace's PID 1 (the parent stays behind as the holder),
-  mount a fresh /proc, set rlimits, drop to the run's uid;
+  unshare the namespaces, shadow world-writable directories with private tmpfs mounts, mount a
+  size-limited tmpfs as the run's directory and write the run's files into it, fork the PID
+  namespace's PID 1 (the parent stays behind as the holder), mount a fresh /proc, set rlimits,
+  drop to the run's uid;
 - the parent side: exclusive sandbox uids (`UidSlot`, an flock per uid), killing every process of
   a uid (`kill_uid`), reaping orphans (`reap_orphans`), and removing what killed scorers left
   (`clean_stale`).
@@ -35,6 +36,7 @@ PR_SET_PDEATHSIG = 1
 
 SHADOWED_DIRS = ("/tmp", "/var/tmp", "/run/lock", "/dev/shm")  # world-writable on a usual system
 SHADOW_TMPFS_OPTS = b"size=16m,nr_inodes=4096,mode=1777"
+WORKDIR_INODES = 8192  # files + directories a run may create in its own directory
 UID_SLOTS = 1000  # sandbox uids per base: the most concurrent runs on one machine
 SWEEP_ROUNDS = 20  # kill(-1) rounds before a uid is given up as unkillable
 
@@ -101,12 +103,20 @@ def _hold_namespace(child: int) -> None:
 
 class ChildSetup:
     """preexec_fn: namespaces, mounts, the PID-namespace holder fork, rlimits, uid drop.
-    `uid` None = stay this user (with a user namespace when `namespaces`)."""
+    `uid` None = stay this user (with a user namespace when `namespaces`). With namespaces the
+    run's directory is a fresh tmpfs of `disk_mb` MiB at `workdir`'s path, holding `files`
+    (name -> bytes); without, `files` must already be in `workdir` (the caller writes them)."""
 
-    def __init__(self, limits: Rlimits, uid: int | None, namespaces: bool, workdir: str):
+    def __init__(self, limits: Rlimits, uid: int | None, namespaces: bool, workdir: str,
+                 files: dict[str, bytes] | None = None, disk_mb: int = 64):
         self.limits, self.uid, self.namespaces = limits, uid, namespaces
         self.workdir = workdir.encode()
+        self.files = {name.encode(): data for name, data in (files or {}).items()}
         self.outer_uid, self.outer_gid = os.geteuid(), os.getegid()
+        owner = uid if uid is not None else self.outer_uid
+        group = uid if uid is not None else self.outer_gid
+        self.workdir_opts = (f"size={disk_mb}m,nr_inodes={WORKDIR_INODES},mode=0700,"
+                             f"uid={owner},gid={group}").encode()
         self.shadowed = [d.encode() for d in SHADOWED_DIRS if os.path.isdir(d) and not os.path.islink(d)]
 
     def __call__(self) -> None:
@@ -141,10 +151,19 @@ class ChildSetup:
         _mount(None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing we mount leaks to the host
         for d in self.shadowed:
             _mount(b"tmpfs", d, b"tmpfs", MS_NOSUID | MS_NODEV, SHADOW_TMPFS_OPTS)
-        # The run's directory is now hidden under a shadow (Python opens main.py by absolute path):
-        # bind it back at its own path. /proc/self/cwd still names the real directory.
+        # The run's directory: a tmpfs of its own at the host directory's path (under a shadow, or
+        # over the host directory itself), so everything the program writes lands in memory that
+        # is bounded in total (`disk_mb`) and vanishes with the run; nothing reaches the host disk.
         os.makedirs(self.workdir, mode=0o700, exist_ok=True)
-        _mount(b"/proc/self/cwd", self.workdir, None, MS_BIND, None)
+        _mount(b"tmpfs", self.workdir, b"tmpfs", MS_NOSUID | MS_NODEV, self.workdir_opts)
+        for name, data in self.files.items():
+            fd = os.open(os.path.join(self.workdir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
         os.chdir(self.workdir)
 
 

@@ -25,8 +25,10 @@ Each run gets (strongest available mode first):
   new network (only a down ``lo``: every connect fails with ENETUNREACH), mount, PID, IPC and
   UTS namespaces. In the mount namespace private tmpfs mounts (16 MiB) hide the world-writable
   directories (/tmp, /var/tmp, /run/lock, /dev/shm), so a write outside the run's directory lands
-  in memory that vanishes with the run; the run's directory is bind-mounted back at its own path
-  (from ``/proc/self/cwd``, entered before the mounts), and a fresh /proc shows only the run.
+  in memory that vanishes with the run. The run's directory itself is a fresh tmpfs of
+  ``disk_mb`` MiB (and ``WORKDIR_INODES`` files) mounted at the host directory's path, with
+  ``main.py`` written into it: the program's total disk use is bounded (a write past it fails
+  with ENOSPC) and nothing it writes reaches the host's disk. A fresh /proc shows only the run.
   The PID namespace: ``unshare(CLONE_NEWPID)`` applies to children, so the process ``subprocess``
   forked stays outside as a *holder* (no fds open, it waits and exits with the child's status)
   and forks the namespace's PID 1, which drops privileges and execs Python. (So the program is
@@ -35,8 +37,12 @@ Each run gets (strongest available mode first):
   is killed the kernel kills and reaps everything left in the namespace, so nothing survives a
   run. Both carry ``PR_SET_PDEATHSIG=SIGKILL``, so killing the scorer ends its runs too. At the
   end a run is stopped by killing PID 1 first (the holder reaps it), then the process group.
+- **result channel** (``channel_bytes`` > 0): a pipe whose write end the program inherits, its fd
+  number given as ``sys.argv[1]``; what arrives (up to ``channel_bytes``) is ``RunResult.channel``.
+  A pipe, not a file: it needs no disk, and closing or flooding it only loses the run's results.
 - **fallback** (``network_isolation=False``, or namespaces refused by the OS: logged once): no
-  namespaces, so the network is reachable and /tmp is shared; as root the dedicated uid still
+  namespaces, so the network is reachable and /tmp is shared, and the run's directory is on the
+  host's disk, bounded per file only (RLIMIT_FSIZE; a warning is logged once); as root the dedicated uid still
   contains and cleans up everything. Not root and no user namespaces: the program runs as this
   user and the process-group kill is the only cleanup (a ``setsid`` escapee survives); a warning
   is logged once. RLIMIT_NPROC then counts this user's existing processes too, so it is set to
@@ -47,8 +53,8 @@ interpreter (the preexec_fn forces fork over vfork; namespaces add ~2 ms).
 
 Why not cgroups: they need a writable cgroup hierarchy (often absent in containers), while uid +
 namespaces need only root, and give the same guarantees for CPU-bound and forking programs.
-Known limits: disk use in the run's directory is bounded per file (RLIMIT_FSIZE), not in total;
-the program can read world-readable files of the host (read-only).
+Known limits: the program can read world-readable files of the host (read-only); without
+namespaces its disk use is bounded per file (RLIMIT_FSIZE), not in total.
 """
 
 from __future__ import annotations
@@ -57,12 +63,11 @@ import os
 import selectors
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -98,6 +103,7 @@ class SandboxLimits:
     max_processes: int = 64
     max_open_files: int = 256
     max_output_bytes: int = 1 << 20
+    disk_mb: int = 64
     network_isolation: bool = True
     python: str = ""
     uid_base: int = 61000
@@ -108,7 +114,7 @@ class SandboxLimits:
 class RunResult:
     """`returncode` is negative for a signal (Popen convention); `killed_reason` is "" or one of
     "timeout", "output_limit"; stdout/stderr are decoded UTF-8 (errors replaced), capped;
-    `collected` holds the files asked for with `collect` that the run left (regular files only)."""
+    `channel` is what the program wrote to the result channel (raw bytes, capped)."""
 
     returncode: int | None
     stdout: str
@@ -116,7 +122,7 @@ class RunResult:
     timed_out: bool
     killed_reason: str
     wall_s: float
-    collected: dict[str, bytes] = field(default_factory=dict)
+    channel: bytes = b""
 
 
 # --- isolation mode and interpreter --------------------------------------------------------------
@@ -187,28 +193,27 @@ def _probe_python(limits: SandboxLimits) -> str:
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def run_program(code: str, stdin: str, limits: SandboxLimits, files: dict[str, str] | None = None,
-                collect: tuple[str, ...] = ()) -> RunResult:
-    """Run `code` as main.py with `stdin`, under `limits`; `files` are extra files written next to
-    it, `collect` names files to read back (up to the file size limit each) before the directory is
-    removed. Raises SandboxError only when the sandbox itself fails, never for what the program does."""
-    return _run(code, stdin, limits, sandbox_python(limits), files, collect)
+def run_program(code: str, stdin: str, limits: SandboxLimits, channel_bytes: int = 0) -> RunResult:
+    """Run `code` as main.py with `stdin`, under `limits`; with `channel_bytes` > 0 the program also
+    gets a result channel (see the module doc). Raises SandboxError only when the sandbox itself
+    fails, never for what the program does."""
+    return _run(code, stdin, limits, sandbox_python(limits), channel_bytes)
 
 
-def _run(code: str, stdin: str, limits: SandboxLimits, python: str, files: dict[str, str] | None = None,
-         collect: tuple[str, ...] = ()) -> RunResult:
+def _run(code: str, stdin: str, limits: SandboxLimits, python: str, channel_bytes: int = 0) -> RunResult:
     global _namespaces_broken
     slot = UidSlot(limits.uid_base, limits.uid_slots) if os.geteuid() == 0 else None
     try:
         try:
-            return _run_in_dir(code, stdin, limits, python, files, collect, slot, _use_namespaces(limits))
+            return _run_in_dir(code, stdin, limits, python, channel_bytes, slot, _use_namespaces(limits))
         except subprocess.SubprocessError as e:  # preexec_fn failed: namespaces are not allowed here
             if not _use_namespaces(limits):
                 raise SandboxError(f"sandbox child setup failed: {e}") from None
             _namespaces_broken = True
             _warn_once("sandbox/no_namespaces", reason=str(e),
-                       effect="no network/mount/pid isolation; process-group and uid cleanup only")
-            return _run_in_dir(code, stdin, limits, python, files, collect, slot, False)
+                       effect="no network/mount/pid isolation, no disk quota (RLIMIT_FSIZE per file only); "
+                              "process-group and uid cleanup only")
+            return _run_in_dir(code, stdin, limits, python, channel_bytes, slot, False)
     finally:
         if slot is not None:
             slot.close()
@@ -216,14 +221,17 @@ def _run(code: str, stdin: str, limits: SandboxLimits, python: str, files: dict[
             reap_orphans(os.geteuid())  # (only a subreaper, e.g. a pool worker, gets any)
 
 
-def _run_in_dir(code: str, stdin: str, limits: SandboxLimits, python: str, files: dict[str, str] | None,
-                collect: tuple[str, ...], slot: UidSlot | None, namespaces: bool) -> RunResult:
+def _run_in_dir(code: str, stdin: str, limits: SandboxLimits, python: str, channel_bytes: int,
+                slot: UidSlot | None, namespaces: bool) -> RunResult:
     prefix = f"or1-sbx-{slot.uid}-" if slot else "or1-sbx-"
     workdir = tempfile.mkdtemp(prefix=prefix)
     try:
-        for name, text in {"main.py": code, **(files or {})}.items():
-            with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-                f.write(text)
+        main = code.encode("utf-8")
+        if not namespaces:  # with namespaces main.py goes into the run's tmpfs instead
+            _warn_once("sandbox/no_disk_quota", effect="the run's directory is on the host's disk, bounded "
+                       "per file (RLIMIT_FSIZE) but not in total")
+            with open(os.path.join(workdir, "main.py"), "wb") as f:
+                f.write(main)
         stdin_path = os.path.join(workdir, ".stdin")
         with open(stdin_path, "w", encoding="utf-8") as f:
             f.write(stdin)
@@ -234,41 +242,41 @@ def _run_in_dir(code: str, stdin: str, limits: SandboxLimits, python: str, files
                        "user, with network, and a setsid'd child can outlive its run")
         nproc = limits.max_processes if slot else limits.max_processes + len(uid_processes(os.geteuid()))
         limits_now = rlimits(limits.cpu_s, limits.memory_mb, limits.fsize_mb, limits.max_open_files, nproc)
-        setup = ChildSetup(limits_now, slot.uid if slot else None, namespaces, workdir)
+        setup = ChildSetup(limits_now, slot.uid if slot else None, namespaces, workdir,
+                           files={"main.py": main} if namespaces else None, disk_mb=limits.disk_mb)
         with open(stdin_path, "rb") as stdin_f:
-            result = _execute([python, "-I", "main.py"], workdir, stdin_f, limits, setup)
-        for name in collect:
-            data = _read_back(os.path.join(workdir, name), limits.fsize_mb << 20)
-            if data is not None:
-                result.collected[name] = data
-        return result
+            return _execute([python, "-I", "main.py"], workdir, stdin_f, limits, setup, channel_bytes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _read_back(path: str, cap: int) -> bytes | None:
-    """A file the program left, if it is a regular file (never follow its symlinks), capped."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-
-        return os.read(fd, cap) if stat.S_ISREG(os.fstat(fd).st_mode) else None
-    finally:
-        os.close(fd)
-
-
-def _execute(argv: list[str], cwd: str, stdin_f, limits: SandboxLimits, setup: ChildSetup) -> RunResult:
+def _execute(argv: list[str], cwd: str, stdin_f, limits: SandboxLimits, setup: ChildSetup,
+             channel_bytes: int) -> RunResult:
     t0 = time.monotonic()
+    chan_r, chan_w = os.pipe() if channel_bytes > 0 else (-1, -1)
     try:
-        proc = subprocess.Popen(argv, cwd=cwd, stdin=stdin_f, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=ENV, start_new_session=True, preexec_fn=setup, close_fds=True)
+        proc = subprocess.Popen(argv + ([str(chan_w)] if chan_w >= 0 else []), cwd=cwd, stdin=stdin_f,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, start_new_session=True,
+                                preexec_fn=setup, close_fds=True, pass_fds=(chan_w,) if chan_w >= 0 else ())
     except OSError as e:  # the interpreter could not be executed
+        if chan_r >= 0:
+            os.close(chan_r)
+            os.close(chan_w)
         raise SandboxError(f"cannot start {argv[0]}: {e}") from None
+    except BaseException:
+        if chan_r >= 0:
+            os.close(chan_r)
+            os.close(chan_w)
+        raise
+    if chan_w >= 0:
+        os.close(chan_w)  # ours; EOF comes when every process of the run has closed its copy
+    streams = [(proc.stdout.fileno(), limits.max_output_bytes), (proc.stderr.fileno(), limits.max_output_bytes)]
+    if chan_r >= 0:
+        streams.append((chan_r, channel_bytes))
     deadline = t0 + limits.wall_s
+    bufs: list[bytes] = [b"", b"", b""]
     try:
-        out, err, reason = _collect(proc, deadline, limits.max_output_bytes)
+        bufs[: len(streams)], reason = _collect(proc, deadline, streams)
         if not reason:  # pipes closed; the program may still run (it closed them itself)
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -276,13 +284,16 @@ def _execute(argv: list[str], cwd: str, stdin_f, limits: SandboxLimits, setup: C
                 reason = "timeout"
     finally:
         _stop(proc, setup.namespaces)
+        if chan_r >= 0:
+            os.close(chan_r)
     return RunResult(
         returncode=proc.returncode,
-        stdout=out.decode("utf-8", "replace"),
-        stderr=err.decode("utf-8", "replace"),
+        stdout=bufs[0].decode("utf-8", "replace"),
+        stderr=bufs[1].decode("utf-8", "replace"),
         timed_out=reason == "timeout",
         killed_reason=reason,
         wall_s=time.monotonic() - t0,
+        channel=bufs[2],
     )
 
 
@@ -314,11 +325,11 @@ def _stop(proc: subprocess.Popen, namespaces: bool) -> None:
         pipe.close()
 
 
-def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, str]:
-    """Read both pipes until EOF, the deadline, or one stream passing `cap` bytes."""
-    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    bufs = {out_fd: bytearray(), err_fd: bytearray()}
-    seen = {out_fd: 0, err_fd: 0}
+def _collect(proc: subprocess.Popen, deadline: float, streams: list[tuple[int, int]]) -> tuple[list[bytes], str]:
+    """Read the (fd, cap) pipes until EOF, the deadline, or one of them passing its cap."""
+    bufs = {fd: bytearray() for fd, _ in streams}
+    caps = dict(streams)
+    seen = {fd: 0 for fd, _ in streams}
     sel = selectors.DefaultSelector()
     for fd in bufs:
         os.set_blocking(fd, False)
@@ -342,10 +353,10 @@ def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, 
                     continue
                 seen[key.fd] += len(chunk)
                 buf = bufs[key.fd]
-                buf += chunk[: max(0, cap - len(buf))]
-                if seen[key.fd] > cap:
+                buf += chunk[: max(0, caps[key.fd] - len(buf))]
+                if seen[key.fd] > caps[key.fd]:
                     reason = "output_limit"  # stop reading at once: the kill follows
                     break
     finally:
         sel.close()
-    return bytes(bufs[out_fd]), bytes(bufs[err_fd]), reason
+    return [bytes(bufs[fd]) for fd, _ in streams], reason

@@ -1,9 +1,10 @@
 """Code reward: parsing of responses and references (pure), and real programs through the
-sandbox for all three test formats, right and wrong."""
+sandbox for every reference format, right and wrong."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,14 +19,10 @@ from rewards.code import (
     parse_spec,
     score_code,
 )
-from rewards.sandbox import sandbox_problem
+from reward_refs import LEETCODE_PREFIX, block, leetcode, needs_sandbox
 
 CFG = RewardConfig(code_timeout_s=3.0, code_item_timeout_s=20.0)
-needs_sandbox = pytest.mark.skipif(bool(sandbox_problem()), reason=f"no sandbox here: {sandbox_problem()}")
-
-
-def block(code: str, lang: str = "python") -> str:
-    return f"Reasoning...\n```{lang}\n{code}\n```\nDone."
+SKYWORK_SAMPLE = Path(__file__).parents[3] / "common" / "toydata" / "skywork_sample.jsonl"
 
 
 # --- pure parts -------------------------------------------------------------------------------
@@ -49,12 +46,28 @@ def test_parse_spec_formats():
     assert lcb == CallTests("f", [[[1, 2], 3]], [[0, 1]])
     double_encoded = json.dumps(json.dumps({"test": "assert 1", "entry_point": ""}))
     assert parse_spec(double_encoded) == AssertTests("assert 1", "")
+    lc = parse_spec({"import_prefix": "import math\n", "test_code": "def check(candidate): ...",
+                     "entry_point": " Solution().twoSum "})
+    assert lc == AssertTests("def check(candidate): ...", "Solution().twoSum", "import math\n")
+    assert parse_spec({"assert_case": ["assert f(1) == 2", "assert f(2) == 3"]}) == AssertTests(
+        "assert f(1) == 2\nassert f(2) == 3", "", "")
+
+
+def test_skywork_sample_code_rows_all_parse():
+    rows = [json.loads(line) for line in SKYWORK_SAMPLE.read_text().splitlines()]
+    code = [r["reward_model"]["ground_truth"] for r in rows if r["ability"] == "code"]
+    kinds = [type(parse_spec(ref)).__name__ for ref in code]
+    assert kinds == ["StdioTests", "StdioTests", "CallTests", "AssertTests"]
 
 
 @pytest.mark.parametrize("bad,reason", [
     ("not json", "not JSON"),
     ("[1, 2]", "JSON object"),
-    ('{"inputs": [1]}', "'inputs' and 'outputs'"),
+    ('{"inputs": [1]}', "none of the known formats"),
+    ('{"import_prefix": "x", "entry_point": "f"}', "none of the known formats"),
+    ('{"test_code": 5}', "'test_code' must be a string"),
+    ('{"test_code": "", "import_prefix": 3}', "'import_prefix' must be a string"),
+    ('{"assert_case": "assert 1"}', "'assert_case' must be"),
     ('{"inputs": [1, 2], "outputs": [1]}', "2 inputs and 1 outputs"),
     ('{"inputs": [], "outputs": []}', "0 inputs"),
     ('{"test": 5}', "'test' must be a string"),
@@ -78,10 +91,25 @@ def test_call_output_matches():
 
 
 def test_unjudgeable_items_carry_an_error():
-    assert score_code("no code here", '{"test": "assert True"}', CFG).error == "no ```python code block"
-    assert score_code(block("print(1)"), "{bad", CFG).error.startswith("bad reference")
-    out = score_code(block("def f(:\n  pass"), '{"test": "assert True"}', CFG)
-    assert out.reward == 0.0 and out.detail.startswith("syntax error")
+    mbpp = '{"test": "assert f(1) == 2"}'
+    assert score_code("no code here", mbpp, CFG).error == "no ```python code block"
+    out = score_code(block("def f(:\n  pass"), mbpp, CFG)
+    assert out.reward == 0.0 and out.detail.startswith("syntax error") and out.error == ""
+
+
+@pytest.mark.parametrize("ref,reason", [
+    ("{bad", "reference is not JSON"),
+    ('{"fn_name": "f"}', "none of the known formats"),
+    ('{"test": "assert True"}', "checks nothing"),
+    ('{"test": "assert f(1) == 2", "entry_point": "f"}', "defines no check"),
+    ('{"test_code": "def check(candidate):\\n    assert candidate(", "entry_point": "f"}', "does not parse"),
+])
+def test_bad_references_are_a_distinct_error_not_a_silent_zero(ref: str, reason: str, capsys):
+    """Any reference no format parses: reward 0 with error `bad_reference: <why>`, logged."""
+    out = score_code(block("def f(x):\n    return x"), ref, CFG)
+    assert out.reward == 0.0 and out.error.startswith("bad_reference: ") and reason in out.error, out
+    assert out.error.split(":")[0] == "bad_reference"
+    assert "code/bad_reference" in capsys.readouterr().out
 
 
 # --- real runs --------------------------------------------------------------------------------
@@ -152,3 +180,117 @@ def test_cpu_limit_scales_with_cases_in_one_run():
     three = json.dumps({"fn_name": "add", "inputs": [[1, 2], [2, 2], [3, 2]], "outputs": [3, 4, 5]})
     out = score_code(block(code), three, RewardConfig(code_cpu_s=1, code_timeout_s=3.0))
     assert out.reward == 1.0, out
+
+
+# --- LeetCode (Skywork's rows) and more assertion shapes ------------------------------------------------
+
+TWO_SUM = ("class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n"
+           "        seen = {}\n        for i, x in enumerate(nums):\n"
+           "            if target - x in seen:\n                return [seen[target - x], i]\n"
+           "            seen[x] = i\n")
+SAMPLE_LEETCODE = json.loads(SKYWORK_SAMPLE.read_text().splitlines()[9])["reward_model"]["ground_truth"]
+REVERSE_LIST = leetcode(["assert is_same_list(candidate(head = list_node([1, 2, 3, 4, 5])), list_node([5, 4, 3, 2, 1]))",
+                         "assert is_same_list(candidate(head = list_node([1, 2])), list_node([2, 1]))",
+                         "assert is_same_list(candidate(head = list_node([])), list_node([]))"],
+                        "Solution().reverseList")
+REVERSE_RIGHT = ("class Solution:\n    def reverseList(self, head: Optional[ListNode]) -> Optional[ListNode]:\n"
+                 "        prev = None\n        while head:\n            head.next, prev, head = prev, head, head.next\n"
+                 "        return prev\n")
+INVERT_TREE = leetcode(["assert is_same_tree(candidate(root = tree_node([4, 2, 7, 1, 3, 6, 9])), "
+                        "tree_node([4, 7, 2, 9, 6, 3, 1]))",
+                        "assert is_same_tree(candidate(root = tree_node([2, 1, None, 5])), tree_node([2, None, 1, None, 5]))",
+                        "assert candidate(root = tree_node([])) is None"], "Solution().invertTree")
+INVERT_RIGHT = ("class Solution:\n    def invertTree(self, root):\n        if root:\n"
+                "            root.left, root.right = self.invertTree(root.right), self.invertTree(root.left)\n"
+                "        return root\n")
+MAX_DEPTH = leetcode(["assert candidate(root = tree_node([3, 9, 20, None, None, 15, 7])) == 3",
+                      "assert candidate(root = tree_node([1, None, 2])) == 2",
+                      "assert candidate(root = tree_node([])) == 0"], "Solution().maxDepth")
+MAX_DEPTH_RIGHT = ("class Solution:\n    def maxDepth(self, root: Optional[TreeNode]) -> int:\n"
+                   "        return 1 + max(self.maxDepth(root.left), self.maxDepth(root.right)) if root else 0\n")
+FIB = leetcode(["assert candidate(n = 2) == 1", "assert candidate(n = 10) == 55", "assert candidate(n = 38) == 39088169"],
+               "Solution().fib")
+FIB_FAST = ("class Solution:\n    def fib(self, n: int) -> int:\n        a, b = 0, 1\n"
+            "        for _ in range(n):\n            a, b = b, a + b\n        return a\n")
+FIB_SLOW = ("class Solution:\n    def fib(self, n: int) -> int:\n"
+            "        return n if n < 2 else self.fib(n - 1) + self.fib(n - 2)\n")
+FRESH = leetcode(["assert candidate(x = 1) == 2", "assert candidate(x = 5) == 6"], "Solution().step")
+HUMANEVAL_SHAPES = json.dumps({"test": (
+    "def check(candidate):\n"
+    "    assert abs(candidate([1.0, 2.0]) - 1.5) < 1e-6\n"
+    "    assert candidate([]) is None, 'empty'\n"
+    "    assert candidate([4.0]) == 4.0\n"), "entry_point": "mean"})
+MEAN_RIGHT = "def mean(xs):\n    if not xs:\n        return None\n    return sum(xs) / len(xs)"
+HUMANEVAL_LOOP = json.dumps({"test": (
+    "def check(candidate):\n    assert candidate(2) == 4\n"
+    "    for x in range(50):\n        assert candidate(x) == 2 * x\n"), "entry_point": "double"})
+ASSERT_CASE = json.dumps({"assert_case": ["assert is_even(4)", "assert not is_even(7)", "assert is_even(0) == True"]})
+
+LEETCODE_ROWS = [
+    ("sample twoSum right", TWO_SUM, SAMPLE_LEETCODE, 1.0),
+    ("sample twoSum wrong order", TWO_SUM.replace("[seen[target - x], i]", "[i, seen[target - x]]"),
+     SAMPLE_LEETCODE, 0.0),
+    # right on the asserts a prompt shows (the first two), wrong only on the last, hidden one
+    ("sample twoSum wrong on a hidden assert", TWO_SUM.replace("        seen = {}\n",
+     "        seen = {}\n        if nums == [3, 3]:\n            return [1, 0]\n"), SAMPLE_LEETCODE, 0.0),
+    ("twoSum function, no Solution class", "def twoSum(nums, target):\n    return [0, 1]", SAMPLE_LEETCODE, 0.0),
+    ("ListNode right", REVERSE_RIGHT, REVERSE_LIST, 1.0),
+    ("ListNode unchanged", "class Solution:\n    def reverseList(self, head):\n        return head\n",
+     REVERSE_LIST, 0.0),
+    ("ListNode as a python list", "class Solution:\n    def reverseList(self, head):\n        out = []\n"
+     "        while head:\n            out.insert(0, head.val)\n            head = head.next\n        return out\n",
+     REVERSE_LIST, 0.0),
+    ("ListNode own class", "class Node:\n    def __init__(self, val, next=None):\n        self.val, self.next = val, next\n"
+     "class Solution:\n    def reverseList(self, head):\n        prev = None\n        while head:\n"
+     "            prev = Node(head.val, prev)\n            head = head.next\n        return prev\n", REVERSE_LIST, 1.0),
+    ("TreeNode right", INVERT_RIGHT, INVERT_TREE, 1.0),
+    ("TreeNode not inverted", "class Solution:\n    def invertTree(self, root):\n        return root\n",
+     INVERT_TREE, 0.0),
+    ("TreeNode input, int output", MAX_DEPTH_RIGHT, MAX_DEPTH, 1.0),
+    ("TreeNode input, off by one", MAX_DEPTH_RIGHT.replace("else 0", "else 1"), MAX_DEPTH, 0.0),
+    ("fresh Solution per call", "class Solution:\n    def __init__(self):\n        self.n = 0\n"
+     "    def step(self, x):\n        self.n += 1\n        return x + self.n\n", FRESH, 1.0),
+    ("humaneval tolerance and None", MEAN_RIGHT, HUMANEVAL_SHAPES, 1.0),
+    ("humaneval no None for empty", MEAN_RIGHT.replace("return None", "return 0"), HUMANEVAL_SHAPES, 0.0),
+    ("humaneval off by a little", MEAN_RIGHT.replace("/ len(xs)", "/ len(xs) + 1e-3"), HUMANEVAL_SHAPES, 0.0),
+    ("assert_case right", "def is_even(n):\n    return n % 2 == 0", ASSERT_CASE, 1.0),
+    ("assert_case wrong", "def is_even(n):\n    return n % 2 == 1", ASSERT_CASE, 0.0),
+    ("assert_case always true", "def is_even(n):\n    return True", ASSERT_CASE, 0.0),
+]
+
+
+@needs_sandbox
+@pytest.mark.parametrize("name,code,ref,expected", LEETCODE_ROWS, ids=[r[0] for r in LEETCODE_ROWS])
+def test_leetcode_and_assertion_rows(name: str, code: str, ref: str, expected: float):
+    out = score_code(block(code), ref, CFG)
+    assert out.error == ""
+    assert out.reward == expected, out
+
+
+@needs_sandbox
+def test_leetcode_too_slow_for_the_time_limit():
+    cfg = RewardConfig(code_timeout_s=1.0, code_item_timeout_s=20.0)
+    assert score_code(block(FIB_FAST), FIB, cfg).reward == 1.0
+    out = score_code(block(FIB_SLOW), FIB, cfg)  # fib(38) the naive way: ~10^8 calls, seconds
+    assert out.reward == 0.0 and out.detail == "case 2 (line 4): timeout", out
+
+
+@needs_sandbox
+def test_unverified_statements_are_run_and_named_in_the_detail():
+    out = score_code(block("def double(x):\n    return 2 * x"), HUMANEVAL_LOOP, CFG)
+    assert out.reward == 1.0 and out.detail == "passed 1/1; 1 statements unverified"
+    out = score_code(block("def double(x):\n    return 4 if x == 2 else 3 * x"), HUMANEVAL_LOOP, CFG)
+    assert out.reward == 0.0 and "AssertionError" in out.detail
+
+
+@needs_sandbox
+def test_leetcode_prefix_is_what_the_oracle_runs():
+    """Expected values that need the prefix's helpers (list_node, tree_node) come from a run of the
+    prefix alone, and the plan is cached per reference (a group's responses share it)."""
+    from rewards.code import _plans, assert_plan
+    from rewards.results import ListValue
+
+    plan = assert_plan(parse_spec(REVERSE_LIST), CFG)
+    assert [c.expected for c in plan.cases] == [ListValue((5, 4, 3, 2, 1)), ListValue((2, 1)), None]
+    assert assert_plan(parse_spec(REVERSE_LIST), CFG) is plan
+    assert (LEETCODE_PREFIX, parse_spec(REVERSE_LIST).test, "Solution().reverseList") in _plans

@@ -56,7 +56,7 @@ def test_results_in_order_and_bad_items_isolated(pool: ScorePool):
     outs = pool.map(items)
     assert [o.reward for o in outs] == [1.0, 0.0, 0.0, 1.0, 0.0]
     assert outs[2].error.startswith("unknown kind 'poetry'")
-    assert outs[4].error.startswith("bad reference")
+    assert outs[4].error.startswith("bad_reference: ")
     assert pool.stats.restarts == 0 and pool.stats.items == 5
 
 

@@ -1,5 +1,6 @@
 """The sandbox against hostile programs, for real: each must score 0 within its timeout, leave no
-process behind (checked in /proc), and leave the scoring process (this one) alive."""
+process behind (checked in /proc), and leave the scoring process (this one) alive. (Programs that
+attack the verdict itself: test_forgery.py.)"""
 
 from __future__ import annotations
 
@@ -115,6 +116,28 @@ def test_writing_outside_the_temp_dir():
 
 @pytest.mark.netns
 @needs_namespaces
+def test_disk_quota_keeps_writes_off_the_host_disk():
+    """Many files under the per-file limit once put 2.3 GB on the real disk in 6 s; now the run's
+    directory is a tmpfs of code_disk_mb: writes past it fail, and the host's disk sees none."""
+    cfg = RewardConfig(code_timeout_s=5.0, code_item_timeout_s=10.0, code_disk_mb=32, code_max_file_mb=4)
+    chunk = 1 << 20
+    code = ("import os\nst = os.statvfs('.')\n"
+            "fs = [l.split()[2] for l in open('/proc/self/mounts') if l.split()[1] == os.getcwd()]\n"
+            "print(st.f_blocks * st.f_frsize, fs, flush=True)\nn = 0\n"
+            "try:\n    while n < 400:\n"
+            f"        with open(f'f{{n}}', 'wb') as f:\n            f.write(b'x' * {chunk})\n"
+            "        n += 1\nexcept OSError as e:\n    print(n, e.errno, flush=True)\n    raise\nprint('ok')")
+    run = run_program(code, "", SandboxLimits(wall_s=5.0, disk_mb=32, fsize_mb=4))
+    size, fs, written, errno = run.stdout.split()
+    assert int(size) == 32 << 20 and fs == "['tmpfs']"  # the directory is its own 32 MiB tmpfs
+    assert errno == "28" and 28 <= int(written) < 32  # ENOSPC after ~32 MiB (main.py takes a little)
+    assert run.returncode != 0
+    out = score_code(block(code), STDIO, cfg)
+    assert out.reward == 0.0 and "No space left on device" in out.detail
+
+
+@pytest.mark.netns
+@needs_namespaces
 def test_no_network():
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -185,20 +208,13 @@ def test_sys_exit_before_assertion_tests_is_not_a_pass():
         assert out.reward == 0.0, early_exit
 
 
-def test_forged_verdict_without_nonce_is_rejected():
-    ref = json.dumps({"test": "def check(candidate):\n    assert False\n", "entry_point": "f"})
-    code = ("import json, os\ndef f():\n    pass\n"
-            "json.dump({'nonce': 'guess', 'status': 'ok', 'results': []}, open('verdict.json', 'w'))\n"
-            "os._exit(0)")
-    assert score_code(block(code), ref, CFG).reward == 0.0
-
-
-def test_symlinked_verdict_is_not_followed():
-    ref = json.dumps({"test": "def check(candidate):\n    assert False\n", "entry_point": "f"})
-    code = "import os\ndef f():\n    pass\nos.symlink('/etc/passwd', 'verdict.json')\nos._exit(0)"
-    run = run_program(code, "", LIMITS, collect=("verdict.json",))
-    assert run.collected == {}
-    assert score_code(block(code), ref, CFG).reward == 0.0
+def test_result_channel_is_a_pipe_given_as_argv():
+    code = "import os, sys\nos.write(int(sys.argv[1]), b'x' * 5000)\nprint(sys.argv[1:])"
+    run = run_program(code, "", LIMITS, channel_bytes=6000)
+    assert run.returncode == 0 and run.channel == b"x" * 5000
+    run = run_program(code, "", LIMITS, channel_bytes=1000)  # flooding it ends the run
+    assert run.killed_reason == "output_limit" and run.channel == b"x" * 1000
+    assert run_program("import sys\nprint(sys.argv[1:])", "", LIMITS).stdout.strip() == "[]"  # no channel
 
 
 def test_stdin_and_limits_are_applied():
