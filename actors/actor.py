@@ -103,7 +103,7 @@ def run(cfg: Config, log_format: str = "auto") -> int:
 
     curve = client_curve(cfg.bus.curve_dir, ROLE_ACTOR)
     relay = WeightServer(a.relay_bind, max_message_bytes=cfg.bus.max_message_bytes,
-                         curve=server_curve(cfg.bus.curve_dir)) if a.relay_bind else None
+                         curve=server_curve(cfg.bus.curve_dir, cfg.bus.allow_readable_keys)) if a.relay_bind else None
     relay_ep = relay_advertise(relay.endpoint if relay else "", a.relay_advertise)
     stats = ActorStats()
     held = {"version": -1}

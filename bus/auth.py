@@ -9,34 +9,91 @@ loads its own key pair and pins the server's public key.
 
 Directory layout made by ``make_layout`` (what ``or1 keys`` and ``BusConfig.curve_dir`` use):
 ``DIR/server.key[_secret]`` for the learner, ``DIR/clients/NAME.key[_secret]`` per client, so
-``DIR/clients`` is also the server's allow-list (it only reads the public ``.key`` files).
+``DIR/clients`` is also the server's allow-list (it only reads the public ``.key`` files). Secret
+key files are written 0600 and the directories 0700; a server refuses a secret key that other
+users can read (``check_secret_key``) unless told otherwise (``bus.allow_readable_keys``).
+
+**A client's key decides its role.** The name of its key file is its role, alone or followed by a
+separator and anything (``actor``, ``actor-node7``, ``reward_b``, ``admin2``): ``key_role``. The
+authenticator reports that name as the connection's ZAP User-Id (``NamingAuthenticator``), the
+bus server stores it on the peer (``Peer.key``), and the learner refuses a Hello whose role is not
+its key's (an admin key, or the learner's admin_key, for the admin role).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from bus.messages import ROLES
 
 SERVER_NAME = "server"
 CLIENTS_DIR = "clients"
+_KEY_ROLE = re.compile(rf"^({'|'.join(ROLES)})(?:[-_.0-9].*)?$")
+
+
+def key_role(name: str) -> str | None:
+    """The role a client key named `name` grants (see the module docstring), or None."""
+    m = _KEY_ROLE.match(name)
+    return m.group(1) if m else None
 
 
 def make_keys(directory: str | Path, name: str) -> tuple[Path, Path]:
-    """Create ``NAME.key`` and ``NAME.key_secret`` in `directory`; returns (public, secret) paths."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
+    """Create ``NAME.key`` and ``NAME.key_secret`` (0600) in `directory` (0700); returns (public, secret)."""
+    Path(directory).mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
     public, secret = zmq.auth.create_certificates(str(directory), name)
+    os.chmod(secret, 0o600)
     return Path(public), Path(secret)
 
 
+class KeyFileError(PermissionError):
+    """A secret key other users can read: say which file and how to fix it."""
+
+
+def check_secret_key(path: str | Path, allow_readable: bool = False) -> None:
+    """Refuse a secret key file that users other than its owner and group can read (the mode
+    Kubernetes gives Secret files with fsGroup, 0440, is fine). Follows links, as the file read is
+    the target."""
+    mode = os.stat(path).st_mode
+    if mode & (stat.S_IROTH | stat.S_IWOTH) and not allow_readable:
+        raise KeyFileError(f"{path} is readable by other users (mode {stat.filemode(mode)}): run `chmod 600 {path}` "
+                           f"(or start with --set bus.allow_readable_keys=true to go on anyway)")
+
+
 def make_layout(directory: str | Path, clients: list[str]) -> None:
-    """Keys for a learner and the named clients, in the layout ``CurveConfig.server_from_dir`` reads."""
+    """Keys for a learner and the named clients, in the layout ``CurveConfig.server_from_dir`` reads.
+    Every client name must grant a role (``key_role``)."""
+    bad = [n for n in clients if key_role(n) is None]
+    if bad:
+        raise ValueError(f"client key names {bad} grant no role: name them {', '.join(ROLES)}, optionally "
+                         f"followed by -SUFFIX (e.g. actor-node7)")
     make_keys(directory, SERVER_NAME)
     for name in clients:
         make_keys(Path(directory) / CLIENTS_DIR, name)
+
+
+class NamingAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, reporting a client's key *name* (its file's stem in the allow-list) as
+    the connection's User-Id, so the server knows which key, hence which role, each peer holds."""
+
+    def __init__(self, ctx: zmq.Context, allowed_clients_dir: str | Path):
+        super().__init__(ctx)
+        self.names: dict[bytes, str] = {}
+        for f in sorted(Path(allowed_clients_dir).glob("*.key")):
+            public, _ = zmq.auth.load_certificate(str(f))
+            self.names[public] = f.stem
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names.get(z85.encode(client_public_key), "")
 
 
 @dataclass(frozen=True)
@@ -77,7 +134,7 @@ def apply_server(socket: zmq.Socket, cfg: CurveConfig, ctx: zmq.Context) -> Thre
     public, secret = zmq.auth.load_certificate(cfg.secret_key_file)
     if secret is None:
         raise ValueError(f"{cfg.secret_key_file} holds no secret key")
-    auth = ThreadAuthenticator(ctx)
+    auth = NamingAuthenticator(ctx, cfg.allowed_clients_dir)
     auth.start()
     auth.configure_curve(domain="*", location=str(cfg.allowed_clients_dir))
     socket.curve_secretkey = secret
@@ -99,11 +156,16 @@ def apply_client(socket: zmq.Socket, cfg: CurveConfig) -> None:
     socket.curve_serverkey = server_public
 
 
-def server_curve(curve_dir: str | None) -> CurveConfig | None:
+def server_curve(curve_dir: str | None, allow_readable: bool = False) -> CurveConfig | None:
     """The learner's (and a relay's) CURVE server config from `bus.curve_dir`, or None (plaintext).
     A relay serves with the learner's key pair, so pullers pin one server key whichever source
-    they are sent to: nodes started with --relay-bind need DIR/server.key_secret too."""
-    return CurveConfig.server_from_dir(curve_dir) if curve_dir else None
+    they are sent to: nodes started with --relay-bind need DIR/server.key_secret too. KeyFileError
+    when that secret key is readable by others (unless `allow_readable`)."""
+    if not curve_dir:
+        return None
+    cfg = CurveConfig.server_from_dir(curve_dir)
+    check_secret_key(cfg.secret_key_file, allow_readable)
+    return cfg
 
 
 def client_curve(curve_dir: str | None, name: str) -> CurveConfig | None:

@@ -15,8 +15,10 @@ The socket and the session state machine (hello, heartbeat, reconnect) are ``bus
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
+import secrets
 import queue
 import select
 import threading
@@ -121,6 +123,7 @@ class Client:
             ("bus/reconnects", "bus/bad_messages", "bus/errors", "bus/messages_in", "bus/messages_out"), 0.0)
         self._hello_fn = hello
         self._stats_fn = stats
+        self.session = secrets.token_hex(8)  # sent in every Hello: a reconnect is told apart from an impostor
         self._problem_fn = problem
         self._health = HealthFile(health_file) if health_file else None
         self._curve = curve
@@ -311,7 +314,8 @@ class Client:
 
     def _call_hello(self) -> Hello | None:
         try:
-            return self._hello_fn()
+            hello = self._hello_fn()
+            return hello if hello.session else dataclasses.replace(hello, session=self.session)
         except Exception:  # noqa: BLE001 — retried a heartbeat later
             log.exception("hello() failed")
             self._s.hello_retry_at = time.monotonic() + self.heartbeat_s

@@ -41,6 +41,7 @@ from bus.messages import (
     MAX_HEADER_BYTES,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    Limit,
     Message,
     ProtocolError,
 )
@@ -224,6 +225,10 @@ def _checker(tp: Any) -> Checker:
 
 
 def _build(tp: Any) -> Checker:
+    if typing.get_origin(tp) is typing.Annotated:
+        limits = [m for m in tp.__metadata__ if isinstance(m, Limit)]
+        inner = _checker(tp.__origin__)
+        return _bounded(inner, limits[0].most) if limits else inner
     if tp is Any:
         return _check_any
     if tp is np.ndarray:
@@ -252,6 +257,17 @@ def _build(tp: Any) -> Checker:
     if origin is Union or origin is types.UnionType:
         return _build_union([_checker(a) for a in args if a is not type(None)], type(None) in args)
     raise TypeError(f"annotation {tp!r} is not supported by the codec")
+
+
+def _bounded(inner: Checker, most: int) -> Checker:
+    """`inner`, then at most `most` characters (str) or entries (list, map): messages.Limit."""
+    def check(v: Any, ctx: _Ctx) -> Any:
+        out = inner(v, ctx)
+        if len(out) > most:
+            raise ProtocolError(f"{len(out)} > {most} {'characters' if type(out) is str else 'entries'}")
+        return out
+
+    return check
 
 
 def _expect(pred: Callable[[Any], bool], what: str) -> Checker:
@@ -321,7 +337,7 @@ def _build_union(arms: list[Checker], nullable: bool) -> Checker:
 
 
 def _build_dataclass(cls: type) -> Checker:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     spec = []
     for f in dataclasses.fields(cls):
         if f.name in _RESERVED:

@@ -17,7 +17,7 @@ admin tools connect DEALERs. A relay (an actor with ``--relay-bind``) binds its 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
@@ -34,13 +34,19 @@ MAX_MESSAGE_BYTES = 1 << 30  # zmq MAXMSGSIZE on every socket: a frame above thi
 MAX_ARRAY_ELEMENTS = 1 << 28  # largest array a header may declare
 MAX_FRAMES = 1 << 16  # most raw frames one message may carry
 MAX_HEADER_BYTES = 16 << 20  # the msgpack header itself
-MAX_PROBLEM_CHARS = 512  # Heartbeat.problem: one line of trouble, not a log
+MAX_ID_CHARS = 256  # ids, roles, codes, hosts, kinds: `Id` fields
+MAX_ENDPOINT_CHARS = 512  # `Endpoint` fields
+MAX_LINE_CHARS = 4096  # one line of text from a peer (reasons, errors, problems): `Line` fields
+MAX_PATH_CHARS = 4096  # file paths and tensor names: `PathText` fields
+MAX_STATS = 512  # entries of a Heartbeat's stats map
+MAX_PROBLEM_CHARS = 512  # Heartbeat.problem as clients send it: one line of trouble, not a log
 INLINE_ARRAY_BYTES = 1024  # arrays below this go inline in the header (a frame per tiny array costs more)
 ALLOWED_DTYPES = ("uint8", "int8", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool")
 
 # --- weight transfer ------------------------------------------------------------------------
 CHUNK_BYTES = 4 << 20  # weight chunk size
 PULL_WINDOW = 8  # outstanding GetChunk requests per puller (credit pipelining, zguide ch. 7)
+MAX_QUEUED_REPLIES = 64  # replies a weights port queues for one peer (its SNDHWM) and requests it parks; > any window
 CHUNK_TIMEOUT_S = 10.0  # a chunk not answered within this is re-requested from another source
 RELAY_FANOUT = 2  # most children one weight source serves for one version
 
@@ -61,7 +67,9 @@ ERR_STALE_EPOCH = "stale_epoch"  # work from an earlier learner epoch
 ERR_UNKNOWN_LEASE = "unknown_lease"
 ERR_FORBIDDEN = "forbidden"
 ERR_NOT_FOUND = "not_found"
+ERR_BAD_VALUE = "bad_value"  # a Set whose value the setting refuses
 ERR_INTERNAL = "internal"
+ERR_ID_IN_USE = "id_in_use"  # another live session holds this worker_id: Hello again once it is gone
 
 SOURCE_LEARNER = "learner"  # WeightSource.source_id of the learner itself (other ids are relay worker ids)
 
@@ -69,6 +77,22 @@ WAIT_ADMISSION = "admission"  # the staleness bound admits no more groups now
 WAIT_WEIGHTS = "weights"  # pull newer weights first (min_version in the reply)
 WAIT_NO_DATA = "no_data"  # the dataset / stage is exhausted for now
 WAIT_DONE = "done"  # the run has finished: say Bye and exit
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A bound the codec enforces on a field (``Annotated[str, Limit(n)]``): at most `most`
+    characters of a str, or entries of a list or map. Everything a peer names or says is bounded,
+    so no id, endpoint or message can fill memory or logs (the codec refuses the whole message)."""
+
+    most: int
+
+
+Id = Annotated[str, Limit(MAX_ID_CHARS)]
+Endpoint = Annotated[str, Limit(MAX_ENDPOINT_CHARS)]
+Line = Annotated[str, Limit(MAX_LINE_CHARS)]
+PathText = Annotated[str, Limit(MAX_PATH_CHARS)]
+Stats = Annotated[dict[str, float], Limit(MAX_STATS)]
 
 
 class Message:
@@ -95,7 +119,7 @@ class SamplingSpec:
 class PromptItem:
     """One prompt to generate a group for. `prompt_id` is the dataset id, `token_ids` int32."""
 
-    prompt_id: str
+    prompt_id: Id
     token_ids: np.ndarray
 
 
@@ -106,7 +130,7 @@ class Sample:
 
     token_ids: np.ndarray
     logprobs: np.ndarray
-    finish_reason: str
+    finish_reason: Id
     text: str
 
 
@@ -114,7 +138,7 @@ class Sample:
 class Group:
     """The `n` samples of one prompt, generated with weights `weight_version`."""
 
-    prompt_id: str
+    prompt_id: Id
     weight_version: int
     samples: list[Sample]
 
@@ -124,7 +148,7 @@ class ScoreItem:
     """One response to score: `kind` is "math" or "code"; `reference` the gold answer (math) or a
     test spec as JSON text (code)."""
 
-    kind: str
+    kind: Id
     response: str
     reference: str
 
@@ -134,16 +158,16 @@ class ScoreOut:
     """The score of one item. `error` is empty on success; a failed item has reward 0."""
 
     reward: float
-    error: str = ""
-    detail: str = ""
+    error: Line = ""
+    detail: Line = ""
 
 
 @dataclass
 class TensorMeta:
     """Where one tensor sits in a flat weight buffer: `offset` and `nbytes` in bytes."""
 
-    name: str
-    dtype: str
+    name: PathText
+    dtype: Id
     shape: list[int]
     offset: int
     nbytes: int
@@ -174,14 +198,15 @@ class Hello(Message):
     """First message of every client (and again after a reconnect or learner restart)."""
 
     TYPE: ClassVar[str] = "hello"
-    role: str
-    worker_id: str
-    host: str = ""  # hostname, for people (status, logs); never used to decide anything
-    host_id: str = ""  # ``bus.shm.host_id()``: same value = same host and /dev/shm (shared-memory weights)
+    role: Id
+    worker_id: Id
+    host: Id = ""  # hostname, for people (status, logs); never used to decide anything
+    host_id: Id = ""  # ``bus.shm.host_id()``: same value = same host and /dev/shm (shared-memory weights)
     capacity: int = 1
     weight_version: int = -1
-    relay_endpoint: str = ""
-    admin_key: str = ""
+    relay_endpoint: Endpoint = ""
+    admin_key: Line = ""
+    session: Id = ""  # random per client process: a reconnect keeps it, another process claiming the id does not
 
 
 @dataclass
@@ -189,14 +214,14 @@ class Welcome(Message):
     """The learner's answer to Hello: who it is and how to behave."""
 
     TYPE: ClassVar[str] = "welcome"
-    run_id: str
+    run_id: Id
     epoch: int
     version: int
     heartbeat_s: float
     liveness: int
     max_staleness: int
-    model: str = ""
-    weights_endpoint: str = ""
+    model: PathText = ""
+    weights_endpoint: Endpoint = ""
     sampling: SamplingSpec | None = None
     stage: int = 0
 
@@ -209,21 +234,21 @@ class Heartbeat(Message):
     version: int = -1
     max_staleness: int = -1
     weight_version: int = -1
-    stats: dict[str, float] = field(default_factory=dict)
-    problem: str = ""  # the client's current trouble in one line (e.g. weights it cannot pull), "" = none
+    stats: Stats = field(default_factory=dict)
+    problem: Line = ""  # the client's current trouble in one line (e.g. weights it cannot pull), "" = none
 
 
 @dataclass
 class Bye(Message):
     TYPE: ClassVar[str] = "bye"
-    reason: str = ""
+    reason: Line = ""
 
 
 @dataclass
 class Error(Message):
     TYPE: ClassVar[str] = "error"
-    code: str
-    message: str = ""
+    code: Id
+    message: Line = ""
 
 
 # --- actors ---------------------------------------------------------------------------------
@@ -255,7 +280,7 @@ class Wait(Message):
     """No lease now: `reason` is one of WAIT_*; retry after `retry_after_s`."""
 
     TYPE: ClassVar[str] = "wait"
-    reason: str
+    reason: Id
     retry_after_s: float = 0.5
     min_version: int = -1
 
@@ -274,7 +299,7 @@ class SubmitAck(Message):
     lease_id: int
     accepted: int
     rejected: int = 0
-    reason: str = ""
+    reason: Line = ""
 
 
 @dataclass
@@ -322,8 +347,8 @@ class WeightSource(Message):
 
     TYPE: ClassVar[str] = "weight_source"
     version: int = -1
-    endpoint: str = ""
-    source_id: str = ""
+    endpoint: Endpoint = ""
+    source_id: Id = ""
 
 
 @dataclass
@@ -373,7 +398,7 @@ class GetShared(Message):
 
     TYPE: ClassVar[str] = "get_shared"
     version: int
-    host: str
+    host: Id
 
 
 @dataclass
@@ -382,9 +407,9 @@ class Shared(Message):
     laid out and checksummed as `manifest` says; every chunk's crc was checked by the source."""
 
     TYPE: ClassVar[str] = "shared"
-    path: str
+    path: PathText
     manifest: Manifest
-    file_id: str = ""  # the file's device:inode at the source; the puller maps it only if its open file matches
+    file_id: Id = ""  # the file's device:inode at the source; the puller maps it only if its open file matches
 
 
 # --- admin ----------------------------------------------------------------------------------
@@ -413,9 +438,9 @@ class Set(Message):
     """Change a live setting (`key` e.g. "max_staleness"); needs the admin key when one is set."""
 
     TYPE: ClassVar[str] = "set"
-    key: str
+    key: Id
     value: Any
-    admin_key: str = ""
+    admin_key: Line = ""
 
 
 @dataclass

@@ -6,8 +6,10 @@ One daemon thread owns the ROUTER socket and runs this loop:
    liveness check is due;
 2. for each message ``[identity, header, *buffers]``: decode (``bus.codec``); a ProtocolError is
    counted in ``bus/bad_messages`` and answered ``Error(bad_message)``. Hello → ``on_hello(peer)``
-   returns a Welcome (peer registered under its worker_id, replacing an older identity with the
-   same worker_id silently: that is a reconnect) or an Error (refused). Anything else from an
+   returns a Welcome (peer registered under its worker_id; an older identity with the same
+   worker_id is replaced only when the Hello carries the same session and key: a reconnect of the
+   same process; any other claim of a live id is refused with ``Error(id_in_use)``) or an Error
+   (refused). Each peer records the address its Hello came from and, under CurveZMQ, its key's name. Anything else from an
    unknown identity → ``Error(hello_first)``, which tells a client the server restarted. From a
    known peer: every message refreshes ``last_seen``; Heartbeat is answered by
    ``heartbeat_reply(peer)``; Bye removes the peer and fires ``on_dead``; any other type goes to its
@@ -34,6 +36,7 @@ from bus.codec import decode, encode
 from bus.messages import (
     ERR_BAD_MESSAGE,
     ERR_HELLO_FIRST,
+    ERR_ID_IN_USE,
     ERR_INTERNAL,
     ERR_NOT_FOUND,
     HEARTBEAT_S,
@@ -69,6 +72,7 @@ class Peer:
     weight_version: int
     stats: dict[str, float] = field(default_factory=dict)
     address: str = ""  # the IP its Hello came from (libzmq's Peer-Address; "" for ipc/inproc)
+    key: str = ""  # under CurveZMQ, the name of its client key (bus.auth: it decides the role); "" in plaintext
     problem: str = ""  # the last Heartbeat.problem
 
 
@@ -131,6 +135,14 @@ def peer_address(frame: zmq.Frame) -> str:
         return ""
 
 
+def user_id(frame: zmq.Frame) -> str:
+    """The ZAP User-Id of a received message (the client key's name under bus.auth), or ""."""
+    try:
+        return frame.get("User-Id") or ""
+    except zmq.ZMQError:
+        return ""
+
+
 def recv_ready(sock: zmq.Socket) -> list[zmq.Frame] | None:
     """One message from a socket poll reported readable (None if it was not, after all)."""
     try:
@@ -185,7 +197,7 @@ class Server:
         self.max_message_bytes = max_message_bytes
         self.metrics: dict[str, float] = dict.fromkeys(
             ("bus/bad_messages", "bus/messages_in", "bus/messages_out", "bus/dead_peers", "bus/peers",
-             "bus/send_failed", "bus/handler_errors"), 0.0)
+             "bus/send_failed", "bus/handler_errors", "bus/refused_hellos"), 0.0)
         self._ctx = zmq.Context(io_threads=1)
         self._auth = None
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -195,6 +207,7 @@ class Server:
             from bus.auth import apply_server
 
             self._auth = apply_server(self._sock, curve, self._ctx)
+        self.secure = curve is not None
         self._sock.bind(bind_endpoint(endpoint))
         self.endpoint = bound_endpoint(self._sock)
         self._outbox = Outbox(self._ctx, name)
@@ -309,7 +322,8 @@ class Server:
             return
         try:
             if isinstance(msg, Hello):
-                self._hello(identity, msg, rid, peer_address(frames[1]))
+                key = user_id(frames[1]) if self.secure else ""
+                self._hello(identity, msg, rid, peer_address(frames[1]), key)
             else:
                 self._dispatch(identity, msg, rid)
         except Exception as e:  # noqa: BLE001 — a handler bug must not kill the loop
@@ -339,14 +353,24 @@ class Server:
         elif (out := handler(peer, msg)) is not None:
             self._reply(identity, out, rid)
 
-    def _hello(self, identity: bytes, hello: Hello, rid: int, address: str = "") -> None:
+    def _hello(self, identity: bytes, hello: Hello, rid: int, address: str = "", key: str = "") -> None:
         if hello.role not in ROLES or not hello.worker_id:
             self.metrics["bus/bad_messages"] += 1
             self._reply(identity, Error(ERR_BAD_MESSAGE, f"bad hello: role {hello.role!r}"), rid)
             return
+        with self._lock:
+            holder = self._by_worker.get(hello.worker_id)
+        if holder is not None and holder.identity != identity and (holder.hello.session != hello.session
+                                                                    or holder.key != key):
+            # not a reconnect of the same process: another one (or an impostor) claims a live id
+            self.metrics["bus/refused_hellos"] += 1
+            log.warning("hello refused: worker id in use", server=self.name, worker_id=hello.worker_id, address=address)
+            self._reply(identity, Error(ERR_ID_IN_USE, f"worker id {hello.worker_id!r} is held by a live session: "
+                                        "use another --worker-id, or wait until that one is gone"), rid)
+            return
         now = time.monotonic()
         peer = Peer(identity, hello.role, hello.worker_id, hello.host, hello, now, now, hello.weight_version,
-                    address=address)
+                    address=address, key=key)
         answer = self._on_hello(peer) if self._on_hello else self._default_welcome()
         if isinstance(answer, Welcome):
             with self._lock:

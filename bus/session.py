@@ -35,6 +35,7 @@ import zmq
 from bus.codec import decode, encode
 from bus.messages import (
     ERR_HELLO_FIRST,
+    ERR_ID_IN_USE,
     RECONNECT_MAX_S,
     RECONNECT_MIN_S,
     Bye,
@@ -232,6 +233,13 @@ class Session:
                 log.info("server does not know us: saying Hello again", endpoint=c.endpoint)
                 self.ready, self.need_hello = False, True
                 poke(c._wake_w)
+        elif isinstance(msg, Error) and rid == self.hello_rid and msg.code == ERR_ID_IN_USE:
+            # our worker id is still held by a session the server has not declared dead yet (we
+            # restarted quickly): say Hello again once it must have been
+            log.warning("worker id in use: hello again later", endpoint=c.endpoint, message=msg.message)
+            self.need_hello = True
+            self.hello_retry_at = time.monotonic() + c.liveness * c.heartbeat_s
+            poke(c._wake_w)
         elif isinstance(msg, Error) and rid == self.hello_rid:
             c._refused(msg)
             log.error("hello refused", code=msg.code, message=msg.message)

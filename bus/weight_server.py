@@ -29,6 +29,7 @@ from bus.messages import (
     ERR_BAD_MESSAGE,
     ERR_NOT_FOUND,
     MAX_MESSAGE_BYTES,
+    MAX_QUEUED_REPLIES,
     Chunk,
     Error,
     GetChunk,
@@ -57,13 +58,15 @@ class WeightServer:
         self.max_message_bytes = max_message_bytes
         self.metrics: dict[str, float] = dict.fromkeys(
             ("weights/chunks_served", "weights/bytes_served", "weights/manifests_served", "weights/shared_served",
-             "bus/bad_messages", "bus/send_failed"), 0.0)
+             "weights/bad_messages", "weights/send_failed", "weights/refused_requests"), 0.0)
         self._ctx = zmq.Context(io_threads=1)
         self._auth = None
         self._sock = self._ctx.socket(zmq.ROUTER)
         configure_socket(self._sock, max_message_bytes)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.SNDHWM, 0)  # pullers bound what is queued by their window
+        # An honest puller has at most its window outstanding; a hostile one that asks and never
+        # reads gets at most this many replies queued, then its replies are dropped (send_failed).
+        self._sock.setsockopt(zmq.SNDHWM, MAX_QUEUED_REPLIES)
         if curve is not None:
             from bus.auth import apply_server
 
@@ -74,6 +77,7 @@ class WeightServer:
         self._lock = threading.Lock()
         self._stores: dict[int, WeightStore | PartialStore] = {}
         self._parked: dict[tuple[int, int], list[tuple[bytes, int]]] = {}
+        self._parked_by: dict[bytes, int] = {}  # identity -> requests it has parked
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bus-{name}", daemon=True)
         self._thread.start()
@@ -139,14 +143,14 @@ class WeightServer:
         try:
             send_frames(self._sock, [identity, *encode(msg, rid)], NOBLOCK)
         except zmq.ZMQError:  # the puller went away
-            self.metrics["bus/send_failed"] += 1
+            self.metrics["weights/send_failed"] += 1
 
     def _on_request(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
         try:
             msg, rid = decode(frames[1:], max_bytes=self.max_message_bytes)
         except ProtocolError as e:
-            self.metrics["bus/bad_messages"] += 1
+            self.metrics["weights/bad_messages"] += 1
             self._send(identity, Error(ERR_BAD_MESSAGE, str(e)[:200]), 0)
             return
         with self._lock:
@@ -166,15 +170,35 @@ class WeightServer:
             if store.shared is None or msg.host != shm.host_id():
                 self._send(identity, Error(ERR_NOT_FOUND, "not in shared memory on this host"), rid)
             elif isinstance(store, PartialStore) and not store.complete:
-                self._parked.setdefault((store.version, -1), []).append((identity, rid))
+                self._park((store.version, -1), identity, rid)
             else:
                 self._send_shared(identity, store, rid)
         elif not 0 <= msg.index < store.n_chunks:
             self._send(identity, Error(ERR_NOT_FOUND, f"chunk {msg.index} out of range"), rid)
         elif isinstance(store, PartialStore) and not store.has(msg.index):
-            self._parked.setdefault((store.version, msg.index), []).append((identity, rid))
+            self._park((store.version, msg.index), identity, rid)
         else:
             self._serve(identity, store, msg.index, rid)
+
+    def _park(self, key: tuple[int, int], identity: bytes, rid: int) -> None:
+        """Answer later, when a partial version has the chunk; a peer may have at most
+        MAX_QUEUED_REPLIES parked (more is refused: an honest puller keeps its window)."""
+        self._parked_by[identity] = self._parked_by.get(identity, 0) + 1
+        if self._parked_by[identity] > MAX_QUEUED_REPLIES:
+            self._parked_by[identity] -= 1
+            self.metrics["weights/refused_requests"] += 1
+            self._send(identity, Error(ERR_BAD_MESSAGE, f"more than {MAX_QUEUED_REPLIES} requests waiting"), rid)
+            return
+        self._parked.setdefault(key, []).append((identity, rid))
+
+    def _unpark(self, waiting: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+        for identity, _ in waiting:
+            left = self._parked_by.get(identity, 1) - 1
+            if left > 0:
+                self._parked_by[identity] = left
+            else:
+                self._parked_by.pop(identity, None)
+        return waiting
 
     def _serve(self, identity: bytes, store: "WeightStore | PartialStore", index: int, rid: int) -> None:
         data = np.frombuffer(self.chunk_payload(store, index), dtype=np.uint8)
@@ -191,7 +215,7 @@ class WeightServer:
         if frames[0].bytes == b"C":  # chunk `index` of partial `version` arrived
             key = (int.from_bytes(frames[1].bytes, "little", signed=True),
                    int.from_bytes(frames[2].bytes, "little"))
-            waiting = self._parked.pop(key, [])
+            waiting = self._unpark(self._parked.pop(key, []))
             with self._lock:
                 store = self._stores.get(key[0])
             for identity, rid in waiting:
@@ -200,12 +224,12 @@ class WeightServer:
                 else:
                     self._serve(identity, store, key[1], rid)
             if store is not None and store.complete:  # the last chunk: parked GetShared can map it now
-                for identity, rid in self._parked.pop((key[0], -1), []):
+                for identity, rid in self._unpark(self._parked.pop((key[0], -1), [])):
                     self._send_shared(identity, store, rid)
         with self._lock:
             held = set(self._stores)
         for key in [k for k in self._parked if k[0] not in held]:
-            for identity, rid in self._parked.pop(key):
+            for identity, rid in self._unpark(self._parked.pop(key)):
                 self._send(identity, Error(ERR_NOT_FOUND, f"version {key[0]} dropped"), rid)
 
 

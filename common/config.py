@@ -28,7 +28,7 @@ class BusConfig(Section):
     """zmq MAXMSGSIZE on every socket, and the codec's limit on a message's declared size."""
     chunk_bytes: int = Field(4 << 20, ge=1 << 12, le=1 << 28)
     """Size of one weight chunk."""
-    pull_window: int = Field(8, ge=1, le=256)
+    pull_window: int = Field(8, ge=1, le=64)
     """Outstanding chunk requests per weight puller (credit pipelining)."""
     chunk_timeout_s: float = Field(10.0, gt=0)
     """A weight chunk not answered within this is requested again from another source."""
@@ -45,6 +45,8 @@ class BusConfig(Section):
     here (see bus/memory.py)."""
     curve_dir: str | None = None
     """Directory of CurveZMQ keys (made by `or1 keys`); None = plaintext. See docs/security."""
+    allow_readable_keys: bool = False
+    """Start even when a secret key file (bus.curve_dir) is readable by other users (refused by default)."""
     health_file: str = ""
     """A file each role's bus client touches (≤ once a second) while it hears from the learner: a
     liveness probe reads its age (e.g. Kubernetes: `test $(($(date +%s) - $(stat -c %Y FILE))) -lt 30`).

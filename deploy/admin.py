@@ -23,8 +23,8 @@ def _client(endpoint: str, cfg: Config, admin_key: str = "") -> Client:
     return c
 
 
-def fetch_status(endpoint: str, cfg: Config) -> StatusReply:
-    c = _client(endpoint, cfg)
+def fetch_status(endpoint: str, cfg: Config, admin_key: str = "") -> StatusReply:
+    c = _client(endpoint, cfg, admin_key)
     try:
         reply = c.request(Status(), timeout=10.0)
     finally:
@@ -48,10 +48,10 @@ def render_status(s: StatusReply) -> str:
     return "\n".join(lines)
 
 
-def show_status(endpoint: str, cfg: Config, *, watch: float = 0.0, as_json: bool = False) -> int:
+def show_status(endpoint: str, cfg: Config, *, watch: float = 0.0, as_json: bool = False, admin_key: str = "") -> int:
     while True:
         try:
-            s = fetch_status(endpoint, cfg)
+            s = fetch_status(endpoint, cfg, admin_key)
         except (TimeoutError, RemoteError, OSError) as e:
             print(f"or1: no answer from {endpoint}: {e}")
             return 1

@@ -23,9 +23,10 @@ from typing import Any, Callable
 
 from bus import shm
 from bus.address import fill_peer_host
+from bus.auth import key_role
 from learner.dispatch import ScoreDispatcher
 from bus.messages import (
-    ERR_FORBIDDEN, ERR_NOT_FOUND, ROLE_ACTOR, ROLE_ADMIN, ROLE_REWARD, Error, Heartbeat, LeaseRequest, Message,
+    ERR_BAD_VALUE, ERR_FORBIDDEN, ERR_NOT_FOUND, ROLE_ACTOR, ROLE_ADMIN, ROLE_REWARD, Error, Heartbeat, LeaseRequest, Message,
     PeerInfo, Ready, Release, ScoreItem, ScoreOut, ScoreResult, Set, SetReply, Status, StatusReply, Submit, SubmitAck,
     WAIT_DONE, Wait, WeightSource, Welcome,
 )
@@ -104,9 +105,10 @@ class LearnerService:
     # --- session ------------------------------------------------------------------------------
 
     def hello(self, peer: Peer) -> Message:
-        key = self.cfg.learner.admin_key
-        if peer.role == ROLE_ADMIN and key and peer.hello.admin_key != key:
-            return Error(ERR_FORBIDDEN, "admin key required")
+        why = self._refusal(peer)
+        if why:
+            log.warning("peer.refused", peer=peer.worker_id, role=peer.role, key=peer.key, address=peer.address, why=why)
+            return Error(ERR_FORBIDDEN, why)
         with self.lock:
             log.info("peer.hello", peer=peer.worker_id, role=peer.role, host=peer.host, address=peer.address,
                      held=peer.hello.weight_version, relay=relay_endpoint(peer))
@@ -114,6 +116,21 @@ class LearnerService:
                            heartbeat_s=self.cfg.bus.heartbeat_s, liveness=self.cfg.bus.liveness,
                            max_staleness=self.scheduler.eta, model=self.model,
                            weights_endpoint=self.sources.learner_endpoint, stage=self.scheduler.stage)
+
+    def _refusal(self, peer: Peer) -> str:
+        """Why `peer` may not join in the role it claims ("" = it may). Under CurveZMQ its key
+        decides its role (bus.auth.key_role); the admin role also opens to learner.admin_key."""
+        admin_key = self.cfg.learner.admin_key
+        has_admin_key = bool(admin_key) and peer.hello.admin_key == admin_key
+        if self.server is not None and self.server.secure:
+            granted = key_role(peer.key)
+            if peer.role == granted or (peer.role == ROLE_ADMIN and has_admin_key):
+                return ""
+            return (f"client key {peer.key!r} grants the role {granted!r}, not {peer.role!r}: give this client a "
+                    f"{peer.role} key (`or1 keys DIR --client {peer.role}-NAME`)")
+        if peer.role == ROLE_ADMIN and admin_key and not has_admin_key:
+            return "admin key required (or1 status/set --admin-key, or OR1_ADMIN_KEY)"
+        return ""
 
     def heartbeat(self, peer: Peer) -> Heartbeat:
         with self.lock:
@@ -219,7 +236,9 @@ class LearnerService:
 
     # --- admin --------------------------------------------------------------------------------
 
-    def status(self, peer: Peer, msg: Status) -> StatusReply:
+    def status(self, peer: Peer, msg: Status) -> Message:
+        if peer.role != ROLE_ADMIN:
+            return Error(ERR_FORBIDDEN, "status needs the admin role (or1 status)")
         now = time.monotonic()
         leases = self.scheduler.leases_by_actor()
         fleet = [PeerInfo(role=p.role, worker_id=p.worker_id, host=p.host, weight_version=p.weight_version,
@@ -237,15 +256,14 @@ class LearnerService:
                            stage=self.scheduler.stage)
 
     def set(self, peer: Peer, msg: Set) -> Message:
-        key = self.cfg.learner.admin_key
-        if key and msg.admin_key != key:
-            return Error(ERR_FORBIDDEN, "admin key required")
+        if peer.role != ROLE_ADMIN:  # admitted as admin by its key or the admin key (hello)
+            return Error(ERR_FORBIDDEN, "settings need the admin role (or1 set)")
         if msg.key != "max_staleness":
             return Error(ERR_NOT_FOUND, f"unknown setting {msg.key!r} (settable: max_staleness)")
         try:
             old = self.scheduler.set_max_staleness(msg.value)
         except ValueError as e:
-            return Error("bad_value", str(e))
+            return Error(ERR_BAD_VALUE, str(e))
         log.info("set", key=msg.key, old=old, new=msg.value, by=peer.worker_id)
         self.ready.notify_all()
         return SetReply(key=msg.key, old=old, new=self.scheduler.eta)

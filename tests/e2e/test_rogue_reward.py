@@ -70,5 +70,6 @@ def test_rogue_reward_peer_cannot_stall_or_fool_the_run(tmp_path, tiny_model_dir
     last = metrics(fleet)[-1]
     assert last["bus/bad_scores"] >= 3 and last["bus/dropped_workers"] >= 1, {k: v for k, v in last.items() if k.startswith("bus/")}
     assert last["bus/late_results"] >= 1
+    assert "bus/bad_messages" in last and "weights/bad_messages" in last  # both ports' rejected-message counts
     print(f"rogue: {rogue.answers} lies; bad_scores {last['bus/bad_scores']:.0f}, dropped {last['bus/dropped_workers']:.0f}, "
           f"foreign results ignored {last['bus/late_results']:.0f}; {STEPS} steps trained, ledger closed")

@@ -3,6 +3,7 @@ receive, and one test per validation rule."""
 
 from __future__ import annotations
 
+import re
 import dataclasses
 
 import msgpack
@@ -331,3 +332,16 @@ def test_rejects_deep_nesting_with_protocol_error() -> None:
 def test_encode_refuses_disallowed_dtype() -> None:
     with pytest.raises(ValueError, match="not allowed"):
         encode(M.Chunk(version=0, index=0, data=np.zeros(3, dtype=np.complex64)))
+
+
+@pytest.mark.parametrize("msg,what", [
+    (M.Hello(role="actor", worker_id="x" * 100_000), "Hello.worker_id: 100000 > 256 characters"),
+    (M.Hello(role="actor", worker_id="a", relay_endpoint="tcp://" + "h" * 600 + ":1"), "Hello.relay_endpoint"),
+    (M.Heartbeat(stats={f"k{i}": 1.0 for i in range(600)}), "Heartbeat.stats: 600 > 512 entries"),
+    (M.Error(code="c", message="m" * 5000), "Error.message"),
+    (M.ScoreResult(1, [M.ScoreOut(1.0, error="e" * 5000)]), "ScoreOut.error"),
+])
+def test_peer_strings_and_maps_are_bounded(msg, what):
+    """A 100 KB worker_id used to be accepted and logged in full (control headers may be 16 MB)."""
+    with pytest.raises(M.ProtocolError, match=re.escape(what)):
+        decode(encode(msg), max_bytes=1 << 30)

@@ -259,7 +259,7 @@ def test_weights_port_answers_bad_and_unexpected_messages(wserver: WeightServer)
             msg, rid = decode(d.recv_multipart(), max_bytes=1 << 20)
             codes.append((rid, msg.code))
         assert codes == [(0, M.ERR_BAD_MESSAGE), (2, M.ERR_BAD_MESSAGE), (3, M.ERR_NOT_FOUND)]
-        assert wserver.metrics["bus/bad_messages"] == 1
+        assert wserver.metrics["weights/bad_messages"] == 1
     finally:
         ctx.destroy(linger=0)
 
@@ -273,3 +273,25 @@ def test_copy_crc_copies_and_checksums_in_blocks() -> None:
         dest = np.zeros(n, dtype=np.uint8)
         assert copy_crc(dest, src) == zlib.crc32(src.tobytes())
         assert np.array_equal(dest, src)
+
+
+def test_a_peer_cannot_park_unbounded_requests(wserver: WeightServer) -> None:
+    """Requests for chunks a relay has not received yet wait (parked); one peer gets at most
+    MAX_QUEUED_REPLIES of them, the rest are refused at once (the queue had no per-peer limit)."""
+    s = make_store(version=1, mb=0.1)
+    wserver.publish_partial(PartialStore(s.manifest))
+    ctx = zmq.Context()
+    try:
+        d = ctx.socket(zmq.DEALER)
+        d.connect(wserver.endpoint)
+        extra = 20
+        for i in range(M.MAX_QUEUED_REPLIES + extra):
+            d.send_multipart(encode(M.GetChunk(version=1, index=0), i + 1))
+        refused = []
+        while d.poll(1000):
+            msg, rid = decode(d.recv_multipart(), max_bytes=1 << 20)
+            refused.append(rid)
+        assert len(refused) == extra and all(r > M.MAX_QUEUED_REPLIES for r in refused)
+        assert wserver.metrics["weights/refused_requests"] == extra
+    finally:
+        ctx.destroy(linger=0)
