@@ -35,9 +35,18 @@ log = get_logger()
 REQUEST_TIMEOUT_S = 30.0
 
 
+RATE_WINDOW_S = 5.0  # actor/tokens_per_s is measured over intervals of at least this (a lease's tokens land at once)
+
+
 @dataclass
 class ActorStats:
-    """Counters behind the `actor/*` metrics sent with each heartbeat."""
+    """Counters behind the `actor/*` metrics sent with each heartbeat.
+
+    `actor/tokens_per_s` is the rate of the last interval: tokens generated per wall-clock second
+    since the previous measurement, taken at most every RATE_WINDOW_S (a lease's tokens are counted
+    when it ends, so a per-heartbeat rate would jump between 0 and bursts). The learner sums it over
+    actors as the fleet's throughput. `actor/tokens_per_gen_s` is the cumulative average over time
+    spent generating (the engine's own speed, idle time excluded)."""
 
     tokens: int = 0
     gen_s: float = 0.0
@@ -46,10 +55,22 @@ class ActorStats:
     leases: int = 0
     load_s: float = 0.0
     pause_s: float = 0.0
+    _rate: float = 0.0
+    _mark: tuple[float, int] | None = None  # (monotonic time, tokens) at the last rate measurement
+
+    def interval_rate(self, now: float) -> float:
+        if self._mark is None:
+            self._mark = (now, self.tokens)
+        elif now - self._mark[0] >= RATE_WINDOW_S:
+            t0, n0 = self._mark
+            self._rate = (self.tokens - n0) / (now - t0)
+            self._mark = (now, self.tokens)
+        return self._rate
 
     def as_metrics(self, held: int, sync_stats) -> dict[str, float]:
         return {
-            "actor/tokens_per_s": self.tokens / self.gen_s if self.gen_s else 0.0,
+            "actor/tokens_per_s": self.interval_rate(time.monotonic()),
+            "actor/tokens_per_gen_s": self.tokens / self.gen_s if self.gen_s else 0.0,
             "actor/tokens": float(self.tokens),
             "actor/idle_s": self.idle_s,
             "actor/groups": float(self.groups),
