@@ -19,6 +19,7 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (section
 SetOpt = typer.Option([], "--set", "-s", help="Override a config key, e.g. --set learner.optim.lr=1e-4 (repeatable).")
 LogOpt = typer.Option("auto", "--log-format", help="auto | console | json")
 LearnerOpt = typer.Option(None, "--learner", help="Learner control endpoint, e.g. tcp://10.0.0.1:5555.")
+AdminKeyOpt = typer.Option("", "--admin-key", envvar="OR1_ADMIN_KEY", help="The learner's admin key, if it sets one.")
 
 
 def _config(path: Optional[str], sets: list[str], **flags) -> Config:
@@ -146,14 +147,15 @@ def status(
     learner: str = typer.Option("tcp://127.0.0.1:5555", help="Learner control endpoint."),
     watch: float = typer.Option(0.0, help="Refresh every N seconds (0 = print once)."),
     json_out: bool = typer.Option(False, "--json", help="Print the raw status as JSON."),
+    admin_key: str = AdminKeyOpt,
     config: Optional[str] = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
-    """Show the fleet (role, id, host, held version, lag, tokens/s, last heartbeat), version, η, queues."""
+    """Show the fleet (role, id, host, address, held version, lag, tokens/s, last heartbeat, trouble), version, η, queues."""
     cfg = _config(config, set_)
     from deploy.admin import show_status
 
-    raise typer.Exit(show_status(learner, cfg, watch=watch, as_json=json_out))
+    raise typer.Exit(show_status(learner, cfg, watch=watch, as_json=json_out, admin_key=admin_key))
 
 
 @app.command("set")
@@ -161,7 +163,7 @@ def set_cmd(
     key: str = typer.Argument(..., help="Setting, e.g. max-staleness."),
     value: str = typer.Argument(..., help="New value."),
     learner: str = typer.Option("tcp://127.0.0.1:5555", help="Learner control endpoint."),
-    admin_key: str = typer.Option("", envvar="OR1_ADMIN_KEY", help="Admin key, if the learner requires one."),
+    admin_key: str = AdminKeyOpt,
     config: Optional[str] = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
@@ -195,34 +197,101 @@ def plot(run_dir: str = typer.Argument(..., help="A run directory with metrics.j
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="Model folder (or a run directory's exported weights)."),
+    model: str = typer.Argument(..., help="Model folder (a run's model/, or an exported checkpoint)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Eval set: jsonl/json/parquet (Skywork-OR1 or plain "
+                                       "schema), Hub name or toy:NAME (default: the config's learner.data)."),
+    samples: int = typer.Option(4, "--samples", "-n", help="n: samples per problem."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default learner.sampling)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most response tokens (default: the last stage's)."),
+    k: Optional[str] = typer.Option(None, "--k", help="pass@k for these k, e.g. 1,8 (default 1, 2, 4, … n)."),
+    limit: Optional[int] = typer.Option(None, help="Problems to evaluate."),
+    out: Optional[str] = typer.Option(None, help="Write each problem's rewards here (JSONL)."),
+    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
     config: Optional[str] = ConfigOpt,
     set_: list[str] = SetOpt,
-    samples: int = typer.Option(4, help="Samples per problem."),
-    limit: Optional[int] = typer.Option(None, help="Problems to evaluate."),
-    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
 ) -> None:
-    """Mean reward (avg@k) of a model on the configured data, scored by the real reward code."""
-    cfg = _config(config, set_, **{"learner.data.limit": limit, "actor.engine": engine})
+    """avg@n and unbiased pass@k per data source, scored by the training rewards; one JSON line."""
+    cfg = _config(config, set_, **{"actor.engine": engine})
+    from common.data import DataError
     from deploy.evaluate import evaluate
 
-    raise typer.Exit(evaluate(model, cfg, samples=samples))
+    try:
+        raise typer.Exit(evaluate(model, cfg, data=data, samples=samples, temperature=temperature,
+                                  max_tokens=max_tokens, ks=k, limit=limit, out=out))
+    except (DataError, ValueError) as e:
+        typer.echo(f"or1: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("filter")
 def filter_cmd(
-    model: str = typer.Argument(..., help="Model folder used to measure pass rates."),
-    out: str = typer.Argument(..., help="Output JSONL of the kept problems."),
+    model: str = typer.Argument(..., help="Model folder whose pass rates decide (unused for rows judged by model_difficulty)."),
+    out: str = typer.Argument(..., help="Output of the kept rows, as read: .jsonl or .parquet."),
+    data: Optional[str] = typer.Option(None, "--data", help="Input file, Hub name or toy:NAME (default: the config's learner.data)."),
+    math_samples: int = typer.Option(16, help="N samples per math problem (Skywork-OR1: 16)."),
+    code_samples: int = typer.Option(8, help="N samples per code problem (Skywork-OR1: 8)."),
+    samples: Optional[int] = typer.Option(None, help="N for both kinds (overrides the two above)."),
+    difficulty: bool = typer.Option(True, "--difficulty/--no-difficulty",
+                                    help="Judge rows carrying extra_info.model_difficulty by it, without sampling."),
+    difficulty_model: Optional[str] = typer.Option(None, help="model_difficulty entry to use, e.g. "
+                                                   "DeepSeek-R1-Distill-Qwen-7B (default: the one named in MODEL)."),
+    difficulty_samples: int = typer.Option(16, help="Samples model_difficulty counts over (keep 0 < d < this)."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default learner.sampling)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most response tokens (default: the last stage's)."),
+    report: Optional[str] = typer.Option(None, help="Write one JSONL verdict per problem here."),
+    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
     config: Optional[str] = ConfigOpt,
     set_: list[str] = SetOpt,
-    samples: int = typer.Option(8, help="N samples per problem."),
-    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
 ) -> None:
-    """Offline pass-rate filter: drop problems the model solves 0/N or N/N times."""
+    """Offline difficulty filter: keep problems solved 0 < s < N times; rows written back unchanged."""
     cfg = _config(config, set_, **{"actor.engine": engine})
+    from common.data import DataError
     from deploy.evaluate import offline_filter
 
-    raise typer.Exit(offline_filter(model, out, cfg, samples=samples))
+    try:
+        raise typer.Exit(offline_filter(
+            model, out, cfg, data=data, math_samples=samples or math_samples, code_samples=samples or code_samples,
+            use_difficulty=difficulty, difficulty_model=difficulty_model, difficulty_samples=difficulty_samples,
+            temperature=temperature, max_tokens=max_tokens, report=report))
+    except (DataError, ValueError) as e:
+        typer.echo(f"or1: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("check-data")
+def check_data_cmd(
+    config: str = typer.Argument(..., help="Run config (TOML) whose learner.data to check."),
+    set_: list[str] = SetOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
+) -> None:
+    """Parse every reference and tokenize every prompt as the learner will; print usable / unparseable /
+    too-long counts per source and kind. Exit 1 when the learner would refuse to start."""
+    cfg = _config(config, set_)
+    from common.data import DataError
+    from deploy.evaluate import check_data
+
+    try:
+        raise typer.Exit(check_data(cfg, as_json=json_out))
+    except DataError as e:
+        typer.echo(f"or1: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: str = typer.Argument(..., help="A checkpoint directory, e.g. runs/x/checkpoints/step_000100."),
+    directory: str = typer.Argument(..., help="Where to write the HF folder."),
+    model: Optional[str] = typer.Option(None, help="Base model folder (default: the run's learner_config.json)."),
+    dtype: str = typer.Option("auto", help="auto (the base folder's) | float32 | bfloat16 | float16"),
+) -> None:
+    """Write a checkpoint as an ordinary HF folder (config, tokenizer, model.safetensors)."""
+    from learner.export import export_checkpoint
+
+    try:
+        typer.echo(export_checkpoint(checkpoint, directory, model=model, dtype=dtype))
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"or1: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("tiny-model")

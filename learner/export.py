@@ -8,8 +8,9 @@ transformers and `or1 eval` load.
 - `export_checkpoint(checkpoint, out)` (`or1 export CHECKPOINT DIR`): a checkpoint of a run, offline.
   If the learner already exported it (`step_N/hf`), that folder is copied. Otherwise the weights are
   read from DeepSpeed's files: ZeRO 0-2 keep the whole module in `mp_rank_00_model_states.pt` (in the
-  training precision); ZeRO-3 partitions it, so the fp32 master weights are gathered from every rank's
-  optimizer shard (deepspeed.utils.zero_to_fp32). They are cast to the base folder's dtype (or
+  training precision); ZeRO-3 partitions it (`zero_pp_rank_R_mp_rank_00_model_states.pt`), so the
+  fp32 master weights are gathered from every rank's optimizer shard (deepspeed.utils.zero_to_fp32).
+  They are cast to the base folder's dtype (or
   `dtype`). The base model folder is `--model`, else the run's `learner_config.json` (`learner.model`;
   "tiny" resolves to the cached tiny model).
 """
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 HF_DIR = "hf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt")
-MODEL_STATES = "mp_rank_00_model_states.pt"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the whole module
+ZERO3_MODEL_STATES = "zero_pp_rank_*_mp_rank_00_model_states.pt"  # ZeRO-3: per-rank partitions
 
 
 def tied(folder: str | Path) -> bool:
@@ -52,15 +54,21 @@ def write_hf_folder(tensors: dict[str, "torch.Tensor"], model_path: str | Path, 
     from safetensors.torch import save_file
 
     src, out = Path(model_path), Path(out)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a model folder (no config.json): give the base model with --model")
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.safetensors"):
         old.unlink()
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(f, out / f.name)
-    if tied(src):
+    if src.is_dir():
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"{src} is not a model folder (no config.json): give the base model with --model")
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(f, out / f.name)
+    else:  # a Hub name: its config and tokenizer, from the local Hub cache the learner loaded it through
+        from transformers import AutoConfig, AutoTokenizer
+
+        AutoConfig.from_pretrained(str(model_path)).save_pretrained(str(out))
+        AutoTokenizer.from_pretrained(str(model_path)).save_pretrained(str(out))
+    if tied(out):
         tensors = {n: t for n, t in tensors.items() if n != "lm_head.weight"}
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
@@ -87,13 +95,13 @@ def deepspeed_state_dict(checkpoint: Path) -> dict[str, "torch.Tensor"]:
     import torch
 
     states = checkpoint / MODEL_STATES
-    if not states.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no {MODEL_STATES} (not a DeepSpeed checkpoint of this learner)")
-    # DeepSpeed's own files hold more than tensors (its config, version, shapes): not weights_only
-    doc = torch.load(states, map_location="cpu", weights_only=False)
-    stage = int(((doc.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
-    if stage < 3:
+    if states.is_file():  # ZeRO 0-2
+        # DeepSpeed's own files hold more than tensors (its config, version, shapes): not weights_only
+        doc = torch.load(states, map_location="cpu", weights_only=False)
         return {k: v for k, v in doc["module"].items() if isinstance(v, torch.Tensor)}
+    if not any(checkpoint.glob(ZERO3_MODEL_STATES)):
+        raise FileNotFoundError(f"{checkpoint}: no {MODEL_STATES} or {ZERO3_MODEL_STATES} "
+                                "(not a DeepSpeed checkpoint of this learner)")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from common.config import Config, save_config
+from common.data import DataError
 from common.log import get_logger, setup_logging
 
 log = get_logger()
@@ -51,6 +52,9 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     group = RankGroup(trainer)
     try:
         return _serve_and_train(cfg, model_path, group)
+    except DataError as e:  # unusable data: say what to change, no traceback
+        log.error("data.unusable", error=str(e))
+        return 2
     finally:
         group.stop()
 
@@ -88,7 +92,7 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     from bus.auth import server_curve
     from bus.server import Server
     from bus.weight_server import WeightServer
-    from common.data import load_problems, tokenize_prompts
+    from common.data import training_prompts
     from common.metrics import JsonlSink, MultiSink, TensorBoardSink
     from learner import checkpoint as ckpt
     from learner.entropy import EntropyController
@@ -100,10 +104,14 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "learner_config.json")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    max_prompt = max(16, cfg.actor.max_model_len - max(s.max_response_tokens for s in lc.stages))
-    pairs = tokenize_prompts(load_problems(lc.data), tokenizer, max_prompt_tokens=max_prompt)
-    prompts = [Prompt(p.id, ids, p.kind, p.reference) for p, ids in pairs]
-    log.info("data.loaded", problems=len(prompts), source=lc.data.source)
+    pairs = training_prompts(cfg, tokenizer)  # every reference parsed, every prompt tokenized (or1 check-data)
+    prompts = [Prompt(p.id, ids, p.kind, p.reference, p.source) for p, ids in pairs]
+    log.info("data.loaded", problems=len(prompts), sources=sorted({p.source for p in prompts}))
+    evaluator = None
+    if lc.eval.every or lc.eval.at_start:
+        from learner.evaluation import Evaluator
+
+        evaluator = Evaluator(cfg, model_path, tokenizer)
 
     controller = EntropyController(lc.entropy)
     latest = ckpt.latest_checkpoint(run_dir) if lc.resume else None
@@ -117,7 +125,9 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
         log.info("resumed", checkpoint=str(latest), version=scheduler.version, epoch=epoch)
 
     host = learner_advertise_host(lc.advertise_host, lc.bind_host)
-    curve = server_curve(cfg.bus.curve_dir)
+    curve = server_curve(cfg.bus.curve_dir, cfg.bus.allow_readable_keys)
+    if curve is None:
+        warn_plaintext(lc.bind_host)
     weights = WeightServer(f"tcp://{lc.bind_host}:{lc.weights_port}", max_message_bytes=cfg.bus.max_message_bytes,
                            curve=curve)
     weights_ep = f"tcp://{host}:{weights.endpoint.rsplit(':', 1)[1]}"
@@ -139,7 +149,10 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     sink = MultiSink(JsonlSink(run_dir / "metrics.jsonl"), TensorBoardSink(run_dir / "tb"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     recent: list[float] = []
+    export = (model_path, cfg) if lc.export_checkpoints else ()
     try:
+        if evaluator is not None and lc.eval.at_start:
+            sink.write(scheduler.version, evaluator.run(group, scheduler.version))
         while not stop.is_set() and not scheduler.done:
             reward = train_one(cfg, group, service, controller, weights, sink, stop, pad_id)
             if reward is None:
@@ -150,9 +163,13 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
                 break
             v = service.published_version
             if lc.checkpoint_every and v % lc.checkpoint_every == 0:
-                save(group, run_dir, service, controller, run_id, lc.keep_checkpoints)
+                save(group, run_dir, service, controller, run_id, lc.keep_checkpoints, *export)
+            if evaluator is not None and evaluator.due(v):
+                sink.write(v, evaluator.run(group, v))
         if scheduler.version > 0 and not (lc.checkpoint_every and scheduler.version % lc.checkpoint_every == 0):
-            save(group, run_dir, service, controller, run_id, lc.keep_checkpoints)
+            save(group, run_dir, service, controller, run_id, lc.keep_checkpoints, *export)
+        if evaluator is not None and scheduler.version > 0 and not evaluator.due(scheduler.version):
+            sink.write(scheduler.version, evaluator.run(group, scheduler.version))  # the final weights
         if scheduler.version > 0:
             save_model_folder(group, model_path, run_dir / "model", cfg)
         service.finish()
@@ -163,8 +180,18 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
         weights.stop()
         sink.close()
         ledger.close()
+        if evaluator is not None:
+            evaluator.close()
     log.info("learner.done", version=scheduler.version)
     return 0
+
+
+def warn_plaintext(bind_host: str) -> None:
+    """The bus is open: say so, and how to close it, where the operator looks first."""
+    log.warning("bus.plaintext", bind=bind_host,
+                risk="any host that can reach the learner's ports can join as any role (actor, reward worker, admin), "
+                     "submit trajectories and scores, and change settings",
+                fix="or1 keys keys/ && start every role with --set bus.curve_dir=keys/ (see docs/security.md)")
 
 
 def reached(target: float | None, recent: list[float], window: int) -> bool:
@@ -197,6 +224,7 @@ def train_one(cfg: Config, group, service, controller, weights, sink, stop: thre
     metrics.update({k: v for k, v in batch.metrics.items()})
     metrics.update(mb_metrics)
     metrics.update(service.fleet_metrics())
+    metrics.update(weights.metrics)  # the weights port's own counters (weights/bad_messages, ...)
     metrics.update({"learner/wait_s": wait_s, "learner/step_s": time.perf_counter() - t0, "entropy/alpha_applied": alpha})
     sink.write(version, metrics)
     log.info("step", version=version, reward=round(metrics.get("reward/mean", 0.0), 3),
@@ -215,13 +243,19 @@ def publish(group, weights, version: int, cfg: Config) -> None:
     weights.publish(store)
 
 
-def save(group, run_dir: Path, service, controller, run_id: str, keep: int) -> None:
+def save(group, run_dir: Path, service, controller, run_id: str, keep: int, export_from: str | None = None,
+         cfg: Config | None = None) -> None:
+    """A checkpoint (and with `export_from`, the base model folder, also its weights as an HF folder
+    in checkpoints/step_N/hf: learner.export_checkpoints), then prune old ones."""
     from learner import checkpoint as ckpt
+    from learner.export import HF_DIR
 
     with service.lock:
         state = {"epoch": service.scheduler.epoch, "run_id": run_id, "scheduler": service.scheduler.state_dict(),
                  "entropy": controller.state_dict()}
     path = group.save_checkpoint(ckpt.checkpoint_dir(run_dir, service.published_version), state)
+    if export_from is not None and cfg is not None:
+        save_model_folder(group, export_from, path / HF_DIR, cfg)
     ckpt.prune_checkpoints(run_dir, keep)
     log.info("checkpoint.saved", path=str(path))
 
@@ -229,28 +263,7 @@ def save(group, run_dir: Path, service, controller, run_id: str, keep: int) -> N
 def save_model_folder(group, model_path: str, out: Path, cfg: Config) -> None:
     """The trained policy as an ordinary HF folder (config and tokenizer files copied from the
     model folder, weights from the learner): `or1 eval RUN_DIR/model`, vLLM and transformers load it."""
-    import shutil
+    from learner.export import arrays_to_tensors, write_hf_folder
 
-    import torch
-    from safetensors.torch import save_file
-
-    exported = group.export_weights(cfg.learner.trainer.weights_dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    src = Path(model_path)
-    if src.is_dir():
-        for f in src.iterdir():
-            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
-                shutil.copy2(f, out / f.name)
-    tensors = {n: (torch.from_numpy(a).view(torch.bfloat16) if d == "bfloat16" else torch.from_numpy(a)).contiguous()
-               for n, a, d in exported if n != "lm_head.weight" or not _tied(src)}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_hf_folder(arrays_to_tensors(group.export_weights(cfg.learner.trainer.weights_dtype)), model_path, out)
     log.info("model.saved", path=str(out))
-
-
-def _tied(folder: Path) -> bool:
-    import json
-
-    try:
-        return bool(json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", False))
-    except OSError:
-        return False

@@ -3,7 +3,8 @@ import sys
 
 from procs import ROOT
 
-COMMANDS = ("run", "learner", "actor", "reward", "score", "status", "set", "keys", "plot", "eval", "filter", "tiny-model")
+COMMANDS = ("run", "learner", "actor", "reward", "score", "status", "set", "keys", "plot", "eval", "filter", "tiny-model",
+            "check-data", "export")
 
 
 def or1(*args, timeout=60):
@@ -50,3 +51,12 @@ def test_keys_makes_the_layout(tmp_path):
     out = or1("keys", str(tmp_path / "k"))
     assert out.returncode == 0
     assert (tmp_path / "k" / "server.key_secret").exists() and (tmp_path / "k" / "clients" / "actor.key").exists()
+
+
+def test_data_commands_help_and_bad_input():
+    for c, flag in (("eval", "--max-tokens"), ("filter", "--difficulty-model"), ("check-data", "--json"),
+                    ("export", "--dtype")):
+        out = or1(c, "--help")
+        assert out.returncode == 0 and flag in out.stdout, c
+    out = or1("export", "/nonexistent/checkpoints/step_000001", "/tmp/never")
+    assert out.returncode == 2 and "not a complete checkpoint" in out.stderr
