@@ -44,8 +44,9 @@ from __future__ import annotations
 import ast
 import builtins
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from rewards.results import Opaque
 
@@ -128,7 +129,8 @@ def build_plan(test: str, entry_point: str, prefix: str, oracle: Oracle) -> Plan
             continue
         converted[id(draft.node)] = (len(cases), draft.actual)
         options = tuple((k, v) for k, v in vals.items() if k in ISCLOSE_OPTIONS)
-        cases.append(Case(draft.kind, draft.node.lineno, vals.get("expected"), vals.get("tol"), draft.op, options))
+        cases.append(Case(draft.kind, draft.node.lineno, vals.get("expected"), vals.get("tol"), draft.op,
+                          options))
     unverified = sum(_checks_something(s) for s in scope.body + scope.others
                      if id(s) not in converted and id(s) not in dropped)
     if not cases and not unverified:
@@ -313,10 +315,11 @@ def _is_candidate_call(node: ast.expr, scope: _Scope) -> bool:
 
 def _abs_diff(node: ast.expr) -> ast.BinOp | None:
     """X - Y when `node` is abs(X - Y) or math.fabs(X - Y)."""
-    if (isinstance(node, ast.Call) and _func_name(node.func) in ("abs", "fabs") and len(node.args) == 1
-            and not node.keywords and isinstance(node.args[0], ast.BinOp) and isinstance(node.args[0].op, ast.Sub)):
-        return node.args[0]
-    return None
+    if not (isinstance(node, ast.Call) and _func_name(node.func) in ("abs", "fabs") and len(node.args) == 1
+            and not node.keywords):
+        return None
+    arg = node.args[0]
+    return arg if isinstance(arg, ast.BinOp) and isinstance(arg.op, ast.Sub) else None
 
 
 def _match(stmt: ast.Assert, scope: _Scope) -> _Draft | None:
@@ -347,10 +350,12 @@ def _match_compare(stmt: ast.Assert, left: ast.expr, op: ast.cmpop, right: ast.e
                    scope: _Scope) -> _Draft | None:
     if isinstance(op, (ast.Eq, ast.NotEq)):
         pair = _split(left, right, scope)
-        return _Draft(stmt, "eq" if isinstance(op, ast.Eq) else "ne", pair[0], {"expected": pair[1]}) if pair else None
+        if pair is None:
+            return None
+        return _Draft(stmt, "eq" if isinstance(op, ast.Eq) else "ne", pair[0], {"expected": pair[1]})
     if isinstance(op, (ast.Is, ast.IsNot)):
-        if (isinstance(right, ast.Constant) and (right.value is None or right.value is True or right.value is False)
-                and _actual_ok(left, scope)):
+        singleton = isinstance(right, ast.Constant) and any(right.value is c for c in (None, True, False))
+        if singleton and _actual_ok(left, scope):
             return _Draft(stmt, "is" if isinstance(op, ast.Is) else "is_not", left, {"expected": right})
         return None
     if isinstance(op, (ast.Lt, ast.LtE)):

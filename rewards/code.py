@@ -61,16 +61,17 @@ import re
 import signal
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import structlog
 
 from bus.messages import ScoreOut
 from common.config import RewardConfig
-from rewards.asserts import BadReference, Plan, build_plan, judge
-from rewards.results import Opaque, Report, parse_channel
+from rewards.asserts import BadReference, Oracle, Plan, build_plan, judge
+from rewards.results import Opaque, Report, add_line, parse_channel
 from rewards.sandbox import RunResult, SandboxLimits, run_program
 
 log = structlog.get_logger()
@@ -170,7 +171,8 @@ def parse_spec(reference: str | dict) -> TestSpec:
         key = "test_code" if "test_code" in spec else "test"
         if not isinstance(spec[key], str):
             raise ValueError(f"reference {key!r} must be a string")
-        return AssertTests(spec[key], _text_field(spec, "entry_point").strip(), _text_field(spec, "import_prefix"))
+        entry = _text_field(spec, "entry_point").strip()
+        return AssertTests(spec[key], entry, _text_field(spec, "import_prefix"))
     if "assert_case" in spec:
         cases = spec["assert_case"]
         if not isinstance(cases, list) or not cases or not all(isinstance(c, str) for c in cases):
@@ -272,14 +274,38 @@ def _run_stdio(program: str, tests: StdioTests, cfg: RewardConfig, deadline: flo
 # --- harness runs (call-based, assertion, oracle) -------------------------------------------------------
 
 
-def _harness(spec: dict, units: int, cfg: RewardConfig, deadline: float, channel_bytes: int
-             ) -> tuple[RunResult, Report] | None:
-    """Run the harness on `spec` with a budget of `units` × code_timeout_s; None if no time is left."""
+class _StopAtFirstFailure:
+    """Follows the result channel during the run and says stop at the first case that fails (or
+    anything malformed), so a wrong answer does not make every later case run, as the first
+    failing assert ends a plain test."""
+
+    def __init__(self, judge_case: Callable[[int, Any], str]):
+        self.judge_case, self.report, self.partial, self.judged = judge_case, Report(), b"", set()
+
+    def __call__(self, chunk: bytes) -> bool:
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        for line in lines:
+            add_line(line, self.report)
+        rep = self.report
+        if rep.errors or rep.malformed:
+            return True
+        for i in rep.values.keys() - self.judged:
+            self.judged.add(i)
+            if self.judge_case(i, rep.values[i]):
+                return True
+        return False
+
+
+def _harness(spec: dict, units: int, cfg: RewardConfig, deadline: float, channel_bytes: int,
+             judge_case: Callable[[int, Any], str] | None = None) -> tuple[RunResult, Report] | None:
+    """Run the harness on `spec` with a budget of `units` × code_timeout_s; None if no time is left.
+    With `judge_case` the run ends at the first failing case."""
     wall = min(cfg.code_timeout_s * units + RUN_OVERHEAD_S, deadline - time.monotonic())
     if wall <= 0:
         return None
     spec = {**spec, "timeout_s": cfg.code_timeout_s, "budget_s": max(0.05, wall - RUN_OVERHEAD_S)}
-    run = run_program(HARNESS, json.dumps(spec), sandbox_limits(cfg, wall, units), channel_bytes=channel_bytes)
+    watch = _StopAtFirstFailure(judge_case) if judge_case else None
+    run = run_program(HARNESS, json.dumps(spec), sandbox_limits(cfg, wall, units), channel_bytes, watch)
     return run, parse_channel(run.channel)
 
 
@@ -312,6 +338,8 @@ def _verdict(r: _Run, passed: str) -> ScoreOut:
 
 def _judge_call(expected: list[Any]) -> Callable[[int, Any], str]:
     def judge_case(i: int, value: Any) -> str:
+        if i >= len(expected):
+            return "no such case"
         if isinstance(value, Opaque):
             return f"result of type {value.type_name} is not JSON serialisable"
         try:
@@ -326,22 +354,25 @@ def _run_call(program: str, tests: CallTests, cfg: RewardConfig, deadline: float
     n = len(tests.inputs)
     spec = {"mode": "call", "prelude": IMPORT_PRELUDE, "prefix": "", "source": program,
             "fn_name": tests.fn_name, "inputs": tests.inputs}
-    done = _harness(spec, n, cfg, deadline, _channel_bytes(cfg, ref_size))
+    judge_case = _judge_call(tests.outputs)
+    done = _harness(spec, n, cfg, deadline, _channel_bytes(cfg, ref_size), judge_case)
     if done is None:
         return ScoreOut(0.0, detail="item time budget spent")
-    return _verdict(_Run(done[0], done[1], n, _judge_call(tests.outputs)), f"passed {n}/{n}")
+    return _verdict(_Run(done[0], done[1], n, judge_case), f"passed {n}/{n}")
 
 
 def _run_assert(program: str, plan: Plan, cfg: RewardConfig, deadline: float, ref_size: int) -> ScoreOut:
     n = len(plan.cases)
     spec = {"mode": "assert", "prelude": IMPORT_PRELUDE, "prefix": plan.prefix, "source": program,
             "test": plan.test, "entry_point": plan.entry_point}
-    done = _harness(spec, n + 1, cfg, deadline, _channel_bytes(cfg, ref_size))
+    def judge_case(i: int, value: Any) -> str:
+        return judge(plan.cases[i], value) if i < n else "no such case"
+
+    done = _harness(spec, n + 1, cfg, deadline, _channel_bytes(cfg, ref_size), judge_case)
     if done is None:
         return ScoreOut(0.0, detail="item time budget spent")
     passed = f"passed {n}/{n}" + (f"; {plan.unverified} statements unverified" if plan.unverified else "")
-    r = _Run(done[0], done[1], n, lambda i, v: judge(plan.cases[i], v),
-             lambda i: f"case {i} (line {plan.cases[i].line})")
+    r = _Run(done[0], done[1], n, judge_case, lambda i: f"case {i} (line {plan.cases[i].line})")
     return _verdict(r, passed)
 
 
@@ -359,13 +390,16 @@ class ReferenceEvalError(RuntimeError):
     """The oracle run failed in a way that may not recur (not cached)."""
 
 
-def assert_plan(tests: AssertTests, cfg: RewardConfig) -> Plan:
-    """The (cached) plan of an assertion reference; BadReference or ReferenceEvalError."""
+def assert_plan(tests: AssertTests, cfg: RewardConfig, deadline: float | None = None) -> Plan:
+    """The (cached) plan of an assertion reference; BadReference or ReferenceEvalError. Building it
+    may take an oracle run, which must end by `deadline` (default: code_item_timeout_s from now)."""
     key = (tests.prefix, tests.test, tests.entry_point)
     hit = _plans.get(key)
     if hit is None:
+        if deadline is None:
+            deadline = time.monotonic() + cfg.code_item_timeout_s
         try:
-            hit = build_plan(tests.test, tests.entry_point, tests.prefix, _oracle(cfg))
+            hit = build_plan(tests.test, tests.entry_point, tests.prefix, _oracle(cfg, deadline))
         except BadReference as e:
             hit = e
         _plans[key] = hit
@@ -378,14 +412,14 @@ def assert_plan(tests: AssertTests, cfg: RewardConfig) -> Plan:
     return hit
 
 
-def _oracle(cfg: RewardConfig) -> Callable[[str, list[str], list[str]], list[tuple[bool, Any]]]:
+def _oracle(cfg: RewardConfig, deadline: float) -> Oracle:
     """Evaluates expected values in a sandbox that holds the reference's prefix and setup only."""
     def evaluate(prefix: str, setup: list[str], exprs: list[str]) -> list[tuple[bool, Any]]:
         spec = {"mode": "oracle", "prefix": prefix, "setup": setup, "exprs": exprs}
         size = len(prefix) + sum(map(len, setup)) + sum(map(len, exprs))
-        deadline = time.monotonic() + cfg.code_item_timeout_s
         done = _harness(spec, len(exprs) + 1, cfg, deadline, _channel_bytes(cfg, size))
-        assert done is not None
+        if done is None:
+            raise ReferenceEvalError("no time left to evaluate the expected values")
         run, rep = done
         if not rep.done:
             if rep.error and not run.killed_reason:
@@ -421,6 +455,7 @@ def _bad_reference(reason: str, reference: str | dict) -> ScoreOut:
 
 def score_code(response: str, reference: str | dict, cfg: RewardConfig) -> ScoreOut:
     """1.0 if the response's program passes every test of `reference`, else 0.0 (see module doc)."""
+    deadline = time.monotonic() + cfg.code_item_timeout_s  # for everything below, the oracle included
     try:
         tests = parse_spec(reference)
     except ValueError as e:
@@ -428,7 +463,7 @@ def score_code(response: str, reference: str | dict, cfg: RewardConfig) -> Score
     plan = None
     if isinstance(tests, AssertTests):
         try:
-            plan = assert_plan(tests, cfg)
+            plan = assert_plan(tests, cfg, deadline)
         except BadReference as e:
             return _bad_reference(str(e), reference)
         except ReferenceEvalError as e:
@@ -441,7 +476,6 @@ def score_code(response: str, reference: str | dict, cfg: RewardConfig) -> Score
         program.encode("utf-8")
     except (SyntaxError, ValueError) as e:
         return ScoreOut(0.0, detail=f"syntax error: {e}"[:DETAIL_CHARS])
-    deadline = time.monotonic() + cfg.code_item_timeout_s
     ref_size = len(reference) if isinstance(reference, str) else len(json.dumps(reference, default=str))
     if isinstance(tests, StdioTests):
         return _run_stdio(program, tests, cfg, deadline)

@@ -112,14 +112,14 @@ def encode(o, depth=0):
         return {"T": _tree_values(o, d)}
     if hasattr(o, "val") and hasattr(o, "next"):
         return {"L": _list_values(o, d)}
-    raise TypeError("result of type %s has no encoding" % type(o).__name__)
+    raise TypeError(f"result of type {type(o).__name__} has no encoding")
 
 
 def _list_values(node, depth):
     values = []
     while node is not None:
         if len(values) >= MAX_NODES:
-            raise ValueError("linked list longer than %d nodes (a cycle?)" % MAX_NODES)
+            raise ValueError(f"linked list longer than {MAX_NODES} nodes (a cycle?)")
         values.append(encode(node.val, depth))
         node = node.next
     return values
@@ -129,7 +129,7 @@ def _tree_values(root, depth):
     values, queue, k = [], [root], 0
     while k < len(queue):
         if len(queue) > 2 * MAX_NODES + 1:
-            raise ValueError("tree larger than %d nodes (a cycle?)" % MAX_NODES)
+            raise ValueError(f"tree larger than {MAX_NODES} nodes (a cycle?)")
         node = queue[k]
         k += 1
         if node is None:
@@ -171,7 +171,7 @@ def resolve(defined, name):
         return getattr(cls(), name)
     if callable(defined.get(name)):
         return defined[name]
-    raise NameError("function %r is not defined" % name)
+    raise NameError(f"function {name!r} is not defined")
 
 
 def run_call(spec, chan, clock, state):
@@ -242,8 +242,8 @@ def describe(e):
     if isinstance(e, CaseTimeout):
         return "timeout"
     if isinstance(e, SystemExit):
-        return "program exited (%r) before the tests finished" % (e.code,)
-    return ("%s: %s" % (type(e).__name__, e))[:300]
+        return f"program exited ({e.code!r}) before the tests finished"
+    return f"{type(e).__name__}: {e}"[:300]
 
 
 def main():

@@ -97,14 +97,18 @@ def parse_channel(data: bytes) -> Report:
     """The report in the channel's bytes (see the module doc for what is trusted)."""
     rep = Report()
     for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            _take(rec, rep)
-        except (ValueError, RecursionError, TypeError, UnicodeDecodeError):
-            rep.skipped += 1
+        add_line(line, rep)
     return rep
+
+
+def add_line(line: bytes, rep: Report) -> None:
+    """Add one channel line (without its newline) to `rep`; a line that does not parse is skipped."""
+    if not line.strip():
+        return
+    try:
+        _take(json.loads(line), rep)
+    except (ValueError, RecursionError, TypeError, UnicodeDecodeError):
+        rep.skipped += 1
 
 
 def _take(rec: Any, rep: Report) -> None:

@@ -39,10 +39,12 @@ Each run gets (strongest available mode first):
   end a run is stopped by killing PID 1 first (the holder reaps it), then the process group.
 - **result channel** (``channel_bytes`` > 0): a pipe whose write end the program inherits, its fd
   number given as ``sys.argv[1]``; what arrives (up to ``channel_bytes``) is ``RunResult.channel``.
+  ``watch``, if given, sees each chunk as it arrives; when it returns True the run is ended at once
+  (``killed_reason`` "stopped": the caller has seen enough, e.g. a wrong answer).
   A pipe, not a file: it needs no disk, and closing or flooding it only loses the run's results.
 - **fallback** (``network_isolation=False``, or namespaces refused by the OS: logged once): no
-  namespaces, so the network is reachable and /tmp is shared, and the run's directory is on the
-  host's disk, bounded per file only (RLIMIT_FSIZE; a warning is logged once); as root the dedicated uid still
+  namespaces, so the network is reachable, /tmp is shared, and the run's directory is on the
+  host's disk, bounded per file only (RLIMIT_FSIZE; logged once); as root the dedicated uid still
   contains and cleans up everything. Not root and no user namespaces: the program runs as this
   user and the process-group kill is the only cleanup (a ``setsid`` escapee survives); a warning
   is logged once. RLIMIT_NPROC then counts this user's existing processes too, so it is set to
@@ -67,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -113,7 +116,8 @@ class SandboxLimits:
 @dataclass
 class RunResult:
     """`returncode` is negative for a signal (Popen convention); `killed_reason` is "" or one of
-    "timeout", "output_limit"; stdout/stderr are decoded UTF-8 (errors replaced), capped;
+    "timeout", "output_limit", "stopped" (by `watch`); stdout/stderr are decoded UTF-8 (errors
+    replaced), capped;
     `channel` is what the program wrote to the result channel (raw bytes, capped)."""
 
     returncode: int | None
@@ -193,19 +197,24 @@ def _probe_python(limits: SandboxLimits) -> str:
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def run_program(code: str, stdin: str, limits: SandboxLimits, channel_bytes: int = 0) -> RunResult:
+Watch = Callable[[bytes], bool]
+
+
+def run_program(code: str, stdin: str, limits: SandboxLimits, channel_bytes: int = 0,
+                watch: Watch | None = None) -> RunResult:
     """Run `code` as main.py with `stdin`, under `limits`; with `channel_bytes` > 0 the program also
-    gets a result channel (see the module doc). Raises SandboxError only when the sandbox itself
-    fails, never for what the program does."""
-    return _run(code, stdin, limits, sandbox_python(limits), channel_bytes)
+    gets a result channel, which `watch` may follow (see the module doc). Raises SandboxError only
+    when the sandbox itself fails, never for what the program does."""
+    return _run(code, stdin, limits, sandbox_python(limits), (channel_bytes, watch))
 
 
-def _run(code: str, stdin: str, limits: SandboxLimits, python: str, channel_bytes: int = 0) -> RunResult:
+def _run(code: str, stdin: str, limits: SandboxLimits, python: str,
+         channel: tuple[int, Watch | None] = (0, None)) -> RunResult:
     global _namespaces_broken
     slot = UidSlot(limits.uid_base, limits.uid_slots) if os.geteuid() == 0 else None
     try:
         try:
-            return _run_in_dir(code, stdin, limits, python, channel_bytes, slot, _use_namespaces(limits))
+            return _run_in_dir(code, stdin, limits, python, channel, slot, _use_namespaces(limits))
         except subprocess.SubprocessError as e:  # preexec_fn failed: namespaces are not allowed here
             if not _use_namespaces(limits):
                 raise SandboxError(f"sandbox child setup failed: {e}") from None
@@ -213,7 +222,7 @@ def _run(code: str, stdin: str, limits: SandboxLimits, python: str, channel_byte
             _warn_once("sandbox/no_namespaces", reason=str(e),
                        effect="no network/mount/pid isolation, no disk quota (RLIMIT_FSIZE per file only); "
                               "process-group and uid cleanup only")
-            return _run_in_dir(code, stdin, limits, python, channel_bytes, slot, False)
+            return _run_in_dir(code, stdin, limits, python, channel, slot, False)
     finally:
         if slot is not None:
             slot.close()
@@ -221,7 +230,7 @@ def _run(code: str, stdin: str, limits: SandboxLimits, python: str, channel_byte
             reap_orphans(os.geteuid())  # (only a subreaper, e.g. a pool worker, gets any)
 
 
-def _run_in_dir(code: str, stdin: str, limits: SandboxLimits, python: str, channel_bytes: int,
+def _run_in_dir(code: str, stdin: str, limits: SandboxLimits, python: str, channel: tuple[int, Watch | None],
                 slot: UidSlot | None, namespaces: bool) -> RunResult:
     prefix = f"or1-sbx-{slot.uid}-" if slot else "or1-sbx-"
     workdir = tempfile.mkdtemp(prefix=prefix)
@@ -245,19 +254,21 @@ def _run_in_dir(code: str, stdin: str, limits: SandboxLimits, python: str, chann
         setup = ChildSetup(limits_now, slot.uid if slot else None, namespaces, workdir,
                            files={"main.py": main} if namespaces else None, disk_mb=limits.disk_mb)
         with open(stdin_path, "rb") as stdin_f:
-            return _execute([python, "-I", "main.py"], workdir, stdin_f, limits, setup, channel_bytes)
+            return _execute([python, "-I", "main.py"], workdir, stdin_f, limits, setup, channel)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _execute(argv: list[str], cwd: str, stdin_f, limits: SandboxLimits, setup: ChildSetup,
-             channel_bytes: int) -> RunResult:
+             channel: tuple[int, Watch | None]) -> RunResult:
     t0 = time.monotonic()
+    channel_bytes, watch = channel
     chan_r, chan_w = os.pipe() if channel_bytes > 0 else (-1, -1)
     try:
         proc = subprocess.Popen(argv + ([str(chan_w)] if chan_w >= 0 else []), cwd=cwd, stdin=stdin_f,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, start_new_session=True,
-                                preexec_fn=setup, close_fds=True, pass_fds=(chan_w,) if chan_w >= 0 else ())
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                                start_new_session=True, preexec_fn=setup, close_fds=True,
+                                pass_fds=(chan_w,) if chan_w >= 0 else ())
     except OSError as e:  # the interpreter could not be executed
         if chan_r >= 0:
             os.close(chan_r)
@@ -270,13 +281,14 @@ def _execute(argv: list[str], cwd: str, stdin_f, limits: SandboxLimits, setup: C
         raise
     if chan_w >= 0:
         os.close(chan_w)  # ours; EOF comes when every process of the run has closed its copy
-    streams = [(proc.stdout.fileno(), limits.max_output_bytes), (proc.stderr.fileno(), limits.max_output_bytes)]
+    cap = limits.max_output_bytes
+    streams = [(proc.stdout.fileno(), cap), (proc.stderr.fileno(), cap)]
     if chan_r >= 0:
         streams.append((chan_r, channel_bytes))
     deadline = t0 + limits.wall_s
     bufs: list[bytes] = [b"", b"", b""]
     try:
-        bufs[: len(streams)], reason = _collect(proc, deadline, streams)
+        bufs[: len(streams)], reason = _collect(proc, deadline, streams, chan_r, watch)
         if not reason:  # pipes closed; the program may still run (it closed them itself)
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -325,8 +337,10 @@ def _stop(proc: subprocess.Popen, namespaces: bool) -> None:
         pipe.close()
 
 
-def _collect(proc: subprocess.Popen, deadline: float, streams: list[tuple[int, int]]) -> tuple[list[bytes], str]:
-    """Read the (fd, cap) pipes until EOF, the deadline, or one of them passing its cap."""
+def _collect(proc: subprocess.Popen, deadline: float, streams: list[tuple[int, int]], watched: int = -1,
+             watch: Watch | None = None) -> tuple[list[bytes], str]:
+    """Read the (fd, cap) pipes until EOF, the deadline, one of them passing its cap, or `watch`
+    saying stop about a chunk of fd `watched`."""
     bufs = {fd: bytearray() for fd, _ in streams}
     caps = dict(streams)
     seen = {fd: 0 for fd, _ in streams}
@@ -356,6 +370,9 @@ def _collect(proc: subprocess.Popen, deadline: float, streams: list[tuple[int, i
                 buf += chunk[: max(0, caps[key.fd] - len(buf))]
                 if seen[key.fd] > caps[key.fd]:
                     reason = "output_limit"  # stop reading at once: the kill follows
+                    break
+                if watch is not None and key.fd == watched and watch(chunk):
+                    reason = "stopped"
                     break
     finally:
         sel.close()

@@ -75,7 +75,8 @@ def test_every_shape_becomes_a_case_and_no_expected_value_reaches_the_sandbox():
     oracle = FakeOracle()
     plan = build_plan(SHAPES, "f", PREFIX, oracle)
     kinds = [c.kind for c in plan.cases]
-    assert kinds == ["eq", "eq", "ne", "is", "is_not", "close", "close", "isclose", "eq", "truth", "falsy", "eq"]
+    assert kinds == ["eq", "eq", "ne", "is", "is_not", "close", "close", "isclose", "eq", "truth", "falsy",
+                     "eq"]
     assert [c.expected for c in plan.cases] == [1001, 1002, 1003, None, True, 1006.5, 1007, 1008.0,
                                                 ListValue((1009, 2009)), None, None, 1042]
     assert plan.cases[5].tol == 1e-6 and plan.cases[5].op == "<"
@@ -118,7 +119,8 @@ def check(candidate):
 
 
 def test_module_level_asserts_need_literal_expected_values():
-    test = "import math\nassert add(1, 2) == 3\nassert add(2, 2) == math.pi\nassert is_even(4)\nassert not is_even(3)\n"
+    test = ("import math\nassert add(1, 2) == 3\nassert add(2, 2) == math.pi\n"
+            "assert is_even(4)\nassert not is_even(3)\n")
     plan = build_plan(test, "", "", FakeOracle())
     assert [(c.kind, c.expected) for c in plan.cases] == [("eq", 3), ("truth", None), ("falsy", None)]
     assert plan.unverified == 1 and "math.pi" in plan.test

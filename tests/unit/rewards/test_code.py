@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from reward_refs import LEETCODE_PREFIX, block, leetcode, needs_sandbox
 
 from common.config import RewardConfig
 from rewards.code import (
@@ -19,7 +20,6 @@ from rewards.code import (
     parse_spec,
     score_code,
 )
-from reward_refs import LEETCODE_PREFIX, block, leetcode, needs_sandbox
 
 CFG = RewardConfig(code_timeout_s=3.0, code_item_timeout_s=20.0)
 SKYWORK_SAMPLE = Path(__file__).parents[3] / "common" / "toydata" / "skywork_sample.jsonl"
@@ -184,37 +184,93 @@ def test_cpu_limit_scales_with_cases_in_one_run():
 
 # --- LeetCode (Skywork's rows) and more assertion shapes ------------------------------------------------
 
-TWO_SUM = ("class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n"
-           "        seen = {}\n        for i, x in enumerate(nums):\n"
-           "            if target - x in seen:\n                return [seen[target - x], i]\n"
-           "            seen[x] = i\n")
+TWO_SUM = """\
+class Solution:
+    def twoSum(self, nums: List[int], target: int) -> List[int]:
+        seen = {}
+        for i, x in enumerate(nums):
+            if target - x in seen:
+                return [seen[target - x], i]
+            seen[x] = i
+"""
 SAMPLE_LEETCODE = json.loads(SKYWORK_SAMPLE.read_text().splitlines()[9])["reward_model"]["ground_truth"]
-REVERSE_LIST = leetcode(["assert is_same_list(candidate(head = list_node([1, 2, 3, 4, 5])), list_node([5, 4, 3, 2, 1]))",
-                         "assert is_same_list(candidate(head = list_node([1, 2])), list_node([2, 1]))",
-                         "assert is_same_list(candidate(head = list_node([])), list_node([]))"],
-                        "Solution().reverseList")
-REVERSE_RIGHT = ("class Solution:\n    def reverseList(self, head: Optional[ListNode]) -> Optional[ListNode]:\n"
-                 "        prev = None\n        while head:\n            head.next, prev, head = prev, head, head.next\n"
-                 "        return prev\n")
-INVERT_TREE = leetcode(["assert is_same_tree(candidate(root = tree_node([4, 2, 7, 1, 3, 6, 9])), "
-                        "tree_node([4, 7, 2, 9, 6, 3, 1]))",
-                        "assert is_same_tree(candidate(root = tree_node([2, 1, None, 5])), tree_node([2, None, 1, None, 5]))",
-                        "assert candidate(root = tree_node([])) is None"], "Solution().invertTree")
-INVERT_RIGHT = ("class Solution:\n    def invertTree(self, root):\n        if root:\n"
-                "            root.left, root.right = self.invertTree(root.right), self.invertTree(root.left)\n"
-                "        return root\n")
+REVERSE_LIST = leetcode([
+    "assert is_same_list(candidate(head = list_node([1, 2, 3, 4, 5])), list_node([5, 4, 3, 2, 1]))",
+    "assert is_same_list(candidate(head = list_node([1, 2])), list_node([2, 1]))",
+    "assert is_same_list(candidate(head = list_node([])), list_node([]))"], "Solution().reverseList")
+REVERSE_RIGHT = """\
+class Solution:
+    def reverseList(self, head: Optional[ListNode]) -> Optional[ListNode]:
+        prev = None
+        while head:
+            head.next, prev, head = prev, head, head.next
+        return prev
+"""
+REVERSE_TO_PYTHON_LIST = """\
+class Solution:
+    def reverseList(self, head):
+        out = []
+        while head:
+            out.insert(0, head.val)
+            head = head.next
+        return out
+"""
+REVERSE_OWN_NODES = """\
+class Node:
+    def __init__(self, val, next=None):
+        self.val, self.next = val, next
+class Solution:
+    def reverseList(self, head):
+        prev = None
+        while head:
+            prev = Node(head.val, prev)
+            head = head.next
+        return prev
+"""
+INVERT_TREE = leetcode([
+    "assert is_same_tree(candidate(root = tree_node([4, 2, 7, 1, 3, 6, 9])),"
+    " tree_node([4, 7, 2, 9, 6, 3, 1]))",
+    "assert is_same_tree(candidate(root = tree_node([2, 1, None, 5])), tree_node([2, None, 1, None, 5]))",
+    "assert candidate(root = tree_node([])) is None"], "Solution().invertTree")
+INVERT_RIGHT = """\
+class Solution:
+    def invertTree(self, root):
+        if root:
+            root.left, root.right = self.invertTree(root.right), self.invertTree(root.left)
+        return root
+"""
 MAX_DEPTH = leetcode(["assert candidate(root = tree_node([3, 9, 20, None, None, 15, 7])) == 3",
                       "assert candidate(root = tree_node([1, None, 2])) == 2",
                       "assert candidate(root = tree_node([])) == 0"], "Solution().maxDepth")
-MAX_DEPTH_RIGHT = ("class Solution:\n    def maxDepth(self, root: Optional[TreeNode]) -> int:\n"
-                   "        return 1 + max(self.maxDepth(root.left), self.maxDepth(root.right)) if root else 0\n")
-FIB = leetcode(["assert candidate(n = 2) == 1", "assert candidate(n = 10) == 55", "assert candidate(n = 38) == 39088169"],
-               "Solution().fib")
-FIB_FAST = ("class Solution:\n    def fib(self, n: int) -> int:\n        a, b = 0, 1\n"
-            "        for _ in range(n):\n            a, b = b, a + b\n        return a\n")
-FIB_SLOW = ("class Solution:\n    def fib(self, n: int) -> int:\n"
-            "        return n if n < 2 else self.fib(n - 1) + self.fib(n - 2)\n")
+MAX_DEPTH_RIGHT = """\
+class Solution:
+    def maxDepth(self, root: Optional[TreeNode]) -> int:
+        return 1 + max(self.maxDepth(root.left), self.maxDepth(root.right)) if root else 0
+"""
+FIB = leetcode(["assert candidate(n = 2) == 1", "assert candidate(n = 10) == 55",
+                "assert candidate(n = 38) == 39088169"], "Solution().fib")
+FIB_FAST = """\
+class Solution:
+    def fib(self, n: int) -> int:
+        a, b = 0, 1
+        for _ in range(n):
+            a, b = b, a + b
+        return a
+"""
+FIB_SLOW = """\
+class Solution:
+    def fib(self, n: int) -> int:
+        return n if n < 2 else self.fib(n - 1) + self.fib(n - 2)
+"""
 FRESH = leetcode(["assert candidate(x = 1) == 2", "assert candidate(x = 5) == 6"], "Solution().step")
+STATEFUL = """\
+class Solution:
+    def __init__(self):
+        self.n = 0
+    def step(self, x):
+        self.n += 1
+        return x + self.n
+"""
 HUMANEVAL_SHAPES = json.dumps({"test": (
     "def check(candidate):\n"
     "    assert abs(candidate([1.0, 2.0]) - 1.5) < 1e-6\n"
@@ -224,32 +280,32 @@ MEAN_RIGHT = "def mean(xs):\n    if not xs:\n        return None\n    return sum
 HUMANEVAL_LOOP = json.dumps({"test": (
     "def check(candidate):\n    assert candidate(2) == 4\n"
     "    for x in range(50):\n        assert candidate(x) == 2 * x\n"), "entry_point": "double"})
-ASSERT_CASE = json.dumps({"assert_case": ["assert is_even(4)", "assert not is_even(7)", "assert is_even(0) == True"]})
+ASSERT_CASE = json.dumps({"assert_case": ["assert is_even(4)", "assert not is_even(7)",
+                                          "assert is_even(0) == True"]})
+# right on the asserts a prompt shows (the first two), wrong only on the last, hidden one
+TWO_SUM_HIDDEN_WRONG = TWO_SUM.replace("        seen = {}\n",
+                                       "        seen = {}\n"
+                                       "        if nums == [3, 3]:\n"
+                                       "            return [1, 0]\n")
 
 LEETCODE_ROWS = [
     ("sample twoSum right", TWO_SUM, SAMPLE_LEETCODE, 1.0),
     ("sample twoSum wrong order", TWO_SUM.replace("[seen[target - x], i]", "[i, seen[target - x]]"),
      SAMPLE_LEETCODE, 0.0),
-    # right on the asserts a prompt shows (the first two), wrong only on the last, hidden one
-    ("sample twoSum wrong on a hidden assert", TWO_SUM.replace("        seen = {}\n",
-     "        seen = {}\n        if nums == [3, 3]:\n            return [1, 0]\n"), SAMPLE_LEETCODE, 0.0),
-    ("twoSum function, no Solution class", "def twoSum(nums, target):\n    return [0, 1]", SAMPLE_LEETCODE, 0.0),
+    ("sample twoSum wrong on a hidden assert", TWO_SUM_HIDDEN_WRONG, SAMPLE_LEETCODE, 0.0),
+    ("twoSum function, no Solution class", "def twoSum(nums, target):\n    return [0, 1]",
+     SAMPLE_LEETCODE, 0.0),
     ("ListNode right", REVERSE_RIGHT, REVERSE_LIST, 1.0),
     ("ListNode unchanged", "class Solution:\n    def reverseList(self, head):\n        return head\n",
      REVERSE_LIST, 0.0),
-    ("ListNode as a python list", "class Solution:\n    def reverseList(self, head):\n        out = []\n"
-     "        while head:\n            out.insert(0, head.val)\n            head = head.next\n        return out\n",
-     REVERSE_LIST, 0.0),
-    ("ListNode own class", "class Node:\n    def __init__(self, val, next=None):\n        self.val, self.next = val, next\n"
-     "class Solution:\n    def reverseList(self, head):\n        prev = None\n        while head:\n"
-     "            prev = Node(head.val, prev)\n            head = head.next\n        return prev\n", REVERSE_LIST, 1.0),
+    ("ListNode as a python list", REVERSE_TO_PYTHON_LIST, REVERSE_LIST, 0.0),
+    ("ListNode own class", REVERSE_OWN_NODES, REVERSE_LIST, 1.0),
     ("TreeNode right", INVERT_RIGHT, INVERT_TREE, 1.0),
     ("TreeNode not inverted", "class Solution:\n    def invertTree(self, root):\n        return root\n",
      INVERT_TREE, 0.0),
     ("TreeNode input, int output", MAX_DEPTH_RIGHT, MAX_DEPTH, 1.0),
     ("TreeNode input, off by one", MAX_DEPTH_RIGHT.replace("else 0", "else 1"), MAX_DEPTH, 0.0),
-    ("fresh Solution per call", "class Solution:\n    def __init__(self):\n        self.n = 0\n"
-     "    def step(self, x):\n        self.n += 1\n        return x + self.n\n", FRESH, 1.0),
+    ("fresh Solution per call", STATEFUL, FRESH, 1.0),
     ("humaneval tolerance and None", MEAN_RIGHT, HUMANEVAL_SHAPES, 1.0),
     ("humaneval no None for empty", MEAN_RIGHT.replace("return None", "return 0"), HUMANEVAL_SHAPES, 0.0),
     ("humaneval off by a little", MEAN_RIGHT.replace("/ len(xs)", "/ len(xs) + 1e-3"), HUMANEVAL_SHAPES, 0.0),
@@ -294,3 +350,31 @@ def test_leetcode_prefix_is_what_the_oracle_runs():
     assert [c.expected for c in plan.cases] == [ListValue((5, 4, 3, 2, 1)), ListValue((2, 1)), None]
     assert assert_plan(parse_spec(REVERSE_LIST), CFG) is plan
     assert (LEETCODE_PREFIX, parse_spec(REVERSE_LIST).test, "Solution().reverseList") in _plans
+
+
+@needs_sandbox
+def test_the_first_wrong_case_ends_the_run():
+    """As the first failing assert ends a plain test: later (slow) cases never run."""
+    import time
+
+    ref = leetcode([f"assert candidate(x = {k}) == {k}" for k in range(6)], "Solution().f")
+    slow_and_wrong = ("import time\nclass Solution:\n    def f(self, x):\n"
+                      "        if x > 0:\n            time.sleep(1.5)\n        return x + 1\n")
+    t0 = time.monotonic()
+    out = score_code(block(slow_and_wrong), ref, RewardConfig(code_timeout_s=3.0, code_item_timeout_s=30.0))
+    assert out.reward == 0.0 and out.detail == "case 0 (line 2): wrong answer"
+    assert time.monotonic() - t0 < 3.0  # not 5 x 1.5 s
+    call = json.dumps({"fn_name": "f", "inputs": [[k] for k in range(6)], "outputs": list(range(6))})
+    t0 = time.monotonic()
+    as_function = slow_and_wrong.replace("class Solution:\n    def f(self, x)", "if True:\n    def f(x)")
+    out = score_code(block(as_function), call, RewardConfig(code_timeout_s=3.0, code_item_timeout_s=30.0))
+    assert out.reward == 0.0 and out.detail == "case 0: wrong answer"
+    assert time.monotonic() - t0 < 3.0
+
+
+@needs_sandbox
+def test_a_prefix_that_fails_in_the_oracle_is_a_bad_reference():
+    ref = json.dumps({"import_prefix": "import no_such_module_or1\n", "entry_point": "Solution().f",
+                      "test_code": "def check(candidate):\n    assert candidate(x = 1) == list_node([1])\n"})
+    out = score_code(block("class Solution:\n    def f(self, x):\n        return x"), ref, CFG)
+    assert out.error.startswith("bad_reference: import prefix or test setup fails: ModuleNotFoundError"), out

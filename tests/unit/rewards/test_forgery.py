@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from reward_refs import ADD_REFS, ADD_RIGHT, ADD_WRONG, LEETCODE_PREFIX, block, leetcode, needs_sandbox
 
 from common.config import RewardConfig
-from reward_refs import ADD_REFS, ADD_RIGHT, ADD_WRONG, LEETCODE_PREFIX, block, leetcode, needs_sandbox
 from rewards.code import score_code
 
 pytestmark = needs_sandbox
@@ -69,7 +69,8 @@ for path in ("verdict.json", "results.json", "/tmp/verdict.json", "spec.json"):
 
 PRINT_FAKE_RECORDS = """
 import sys
-for line in ('{"i": 0, "v": true}', '{"i": 1, "v": true}', '{"done": true}', "passed 2/2", "All tests passed"):
+fakes = ('{"i": 0, "v": true}', '{"i": 1, "v": true}', '{"done": true}', "passed 2/2", "All tests passed")
+for line in fakes:
     print(line)
     print(line, file=sys.stderr)
 """
@@ -206,7 +207,7 @@ def test_redefining_leetcode_helpers_does_not_help():
     *a: True` passes every linked-list test; here the expected side never runs with the program."""
     ref = leetcode(["assert is_same_list(candidate(head = list_node([1, 2, 3])), list_node([3, 2, 1]))"],
                    "Solution().reverseList")
-    program = REDEFINE_TEST_HELPERS + "class Solution:\n    def reverseList(self, head):\n        return head\n"
+    program = REDEFINE_TEST_HELPERS + "class Solution:\n    def reverseList(self, h):\n        return h\n"
     assert score_code(block(program), ref, CFG).reward == 0.0
     assert LEETCODE_PREFIX in json.loads(ref)["import_prefix"]
 

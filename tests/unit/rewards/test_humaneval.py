@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from reward_refs import block, needs_sandbox
 
 from common.config import RewardConfig
-from reward_refs import block, needs_sandbox
 from rewards.asserts import build_plan
 from rewards.code import assert_plan, parse_spec, score_code
 
