@@ -1,8 +1,10 @@
 """`score_one`: one ScoreItem → one ScoreOut, dispatched on `kind`; never raises.
 
 Every exception (a bug, a sandbox failure, a math-verify timeout) becomes reward 0 with a short
-`error`, so one bad item never costs the others their scores. Imported by pool workers, which
-preload it (and math-verify) once so that a replaced worker starts scoring at once.
+`error`, so one bad item never costs the others their scores. `error` and `detail` are always valid
+UTF-8 (a lone surrogate, from a response or from what a program printed, becomes ``\\udXXX`` text),
+so they can be packed for the bus. Imported by pool workers, which preload it (and math-verify)
+once so that a replaced worker starts scoring at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ ERROR_CHARS = 200
 
 def score_one(item: ScoreItem, cfg: RewardConfig) -> ScoreOut:
     """Score one item by its kind; any failure is ScoreOut(0.0, error=...)."""
+    out = _score(item, cfg)
+    return ScoreOut(out.reward, _utf8(out.error), _utf8(out.detail))
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _score(item: ScoreItem, cfg: RewardConfig) -> ScoreOut:
     try:
         if item.kind == "math":
             return score_math(item.response, item.reference, cfg.math_timeout_s)

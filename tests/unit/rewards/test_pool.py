@@ -112,3 +112,17 @@ def test_closed_pool_answers_without_scoring():
     p = ScorePool(1, CFG)
     p.close()
     assert p.submit(good(1)).result(timeout=1).error == "pool closed"
+
+
+@pytest.mark.skipif(bool(sandbox_problem()), reason=f"no sandbox here: {sandbox_problem()}")
+def test_details_are_always_utf8_so_the_bus_can_pack_them():
+    """A program's own error text (or an extracted answer) may hold a lone surrogate; msgpack
+    refuses those, so score_one escapes them."""
+    import msgpack
+
+    from rewards.core import score_one
+
+    program = "```python\ndef f(x):\n    raise ValueError('\\ud800')\n```"
+    out = score_one(ScoreItem("code", program, '{"fn_name": "f", "inputs": [[1]], "outputs": [1]}'), CFG)
+    assert out.reward == 0.0 and out.detail == "case 0: ValueError: \\ud800"
+    msgpack.packb([out.error, out.detail])
