@@ -378,3 +378,25 @@ def test_a_prefix_that_fails_in_the_oracle_is_a_bad_reference():
                       "test_code": "def check(candidate):\n    assert candidate(x = 1) == list_node([1])\n"})
     out = score_code(block("class Solution:\n    def f(self, x):\n        return x"), ref, CFG)
     assert out.error.startswith("bad_reference: import prefix or test setup fails: ModuleNotFoundError"), out
+
+
+SAMPLE_ROWS = [  # the code rows of common/toydata/skywork_sample.jsonl (lines 7-10), right and wrong
+    (7, "a, b = map(int, input().split())\nprint(a + b)", 1.0),
+    (7, "a, b = map(int, input().split())\nprint(a * b)", 0.0),
+    (8, "s = input().strip()\nprint('YES' if s == s[::-1] else 'NO')", 1.0),
+    (8, "input()\nprint('YES')", 0.0),
+    (9, "def max_gap(xs):\n    xs = sorted(xs)\n    return max((b - a for a, b in zip(xs, xs[1:])), default=0)", 1.0),
+    (9, "class Solution:\n    def max_gap(self, xs):\n        xs = sorted(xs)\n"
+        "        return max((b - a for a, b in zip(xs, xs[1:])), default=0)", 1.0),
+    (9, "def max_gap(xs):\n    return max(xs) - min(xs)", 0.0),
+    (10, TWO_SUM, 1.0),
+    (10, TWO_SUM_HIDDEN_WRONG, 0.0),
+]
+
+
+@needs_sandbox
+@pytest.mark.parametrize("line,code,expected", SAMPLE_ROWS)
+def test_skywork_sample_rows(line: int, code: str, expected: float):
+    ref = json.loads(SKYWORK_SAMPLE.read_text().splitlines()[line - 1])["reward_model"]["ground_truth"]
+    out = score_code(block(code), ref, CFG)
+    assert out.error == "" and out.reward == expected, out
