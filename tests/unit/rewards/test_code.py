@@ -385,7 +385,8 @@ SAMPLE_ROWS = [  # the code rows of common/toydata/skywork_sample.jsonl (lines 7
     (7, "a, b = map(int, input().split())\nprint(a * b)", 0.0),
     (8, "s = input().strip()\nprint('YES' if s == s[::-1] else 'NO')", 1.0),
     (8, "input()\nprint('YES')", 0.0),
-    (9, "def max_gap(xs):\n    xs = sorted(xs)\n    return max((b - a for a, b in zip(xs, xs[1:])), default=0)", 1.0),
+    (9, "def max_gap(xs):\n    xs = sorted(xs)\n"
+        "    return max((b - a for a, b in zip(xs, xs[1:])), default=0)", 1.0),
     (9, "class Solution:\n    def max_gap(self, xs):\n        xs = sorted(xs)\n"
         "        return max((b - a for a, b in zip(xs, xs[1:])), default=0)", 1.0),
     (9, "def max_gap(xs):\n    return max(xs) - min(xs)", 0.0),
