@@ -136,6 +136,14 @@ def test_disk_quota_keeps_writes_off_the_host_disk():
     assert out.reward == 0.0 and "No space left on device" in out.detail
 
 
+def test_without_namespaces_files_stay_bounded_per_file():
+    """The fallback has no quota in total (logged once), but RLIMIT_FSIZE still caps each file."""
+    code = ("import os\ntry:\n    open('big', 'wb').write(b'x' * (2 << 20))\n"
+            "except OSError as e:\n    print(e.errno)\nprint(os.path.getsize('big'))")
+    run = run_program(code, "", SandboxLimits(wall_s=5.0, fsize_mb=1, network_isolation=False))
+    assert run.stdout.split() == ["27", str(1 << 20)]  # EFBIG at 1 MiB
+
+
 @pytest.mark.netns
 @needs_namespaces
 def test_no_network():
