@@ -106,6 +106,13 @@ class _Scope:
 
 def build_plan(test: str, entry_point: str, prefix: str, oracle: Oracle) -> Plan:
     """The plan for one reference; BadReference when the test code cannot be used."""
+    try:
+        return _build_plan(test, entry_point, prefix, oracle)
+    except (RecursionError, MemoryError) as e:
+        raise BadReference(f"test code too deeply nested or too large ({type(e).__name__})") from None
+
+
+def _build_plan(test: str, entry_point: str, prefix: str, oracle: Oracle) -> Plan:
     tree = _parse(test, "test code")
     _parse(prefix, "import prefix")
     if entry_point:

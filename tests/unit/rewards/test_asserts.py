@@ -135,6 +135,7 @@ def test_module_level_asserts_need_literal_expected_values():
     ("def check(c):\n    assert c(1) == 2\n", "f[0]", "", "not a name, attribute or call"),
     ("def check(c):\n    pass\n", "f", "", "checks nothing"),
     ("def check(c):\n    assert True\n", "f", "", "checks nothing"),
+    ("def check(c):\n    assert c(1) == " + "[" * 5000 + "]" * 5000 + "\n", "f", "", "does not parse"),
 ])
 def test_unusable_tests_are_bad_references(test, entry, prefix, reason):
     with pytest.raises(BadReference, match=reason):
