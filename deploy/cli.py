@@ -200,6 +200,7 @@ def eval_cmd(
     model: str = typer.Argument(..., help="Model folder (a run's model/, or an exported checkpoint)."),
     data: Optional[str] = typer.Option(None, "--data", help="Eval set: jsonl/json/parquet (Skywork-OR1 or plain "
                                        "schema), Hub name or toy:NAME (default: the config's learner.data)."),
+    split: str = typer.Option("train", help="Split of a Hub name or folder given with --data."),
     samples: int = typer.Option(4, "--samples", "-n", help="n: samples per problem."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default learner.sampling)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most response tokens (default: the last stage's)."),
@@ -217,7 +218,7 @@ def eval_cmd(
 
     try:
         raise typer.Exit(evaluate(model, cfg, data=data, samples=samples, temperature=temperature,
-                                  max_tokens=max_tokens, ks=k, limit=limit, out=out))
+                                  max_tokens=max_tokens, ks=k, limit=limit, out=out, split=split))
     except (DataError, ValueError) as e:
         typer.echo(f"or1: {e}", err=True)
         raise typer.Exit(2) from None
@@ -228,6 +229,7 @@ def filter_cmd(
     model: str = typer.Argument(..., help="Model folder whose pass rates decide (unused for rows judged by model_difficulty)."),
     out: str = typer.Argument(..., help="Output of the kept rows, as read: .jsonl or .parquet."),
     data: Optional[str] = typer.Option(None, "--data", help="Input file, Hub name or toy:NAME (default: the config's learner.data)."),
+    split: str = typer.Option("train", help="Split of a Hub name or folder given with --data (Skywork-OR1-RL-Data: math, code)."),
     math_samples: int = typer.Option(16, help="N samples per math problem (Skywork-OR1: 16)."),
     code_samples: int = typer.Option(8, help="N samples per code problem (Skywork-OR1: 8)."),
     samples: Optional[int] = typer.Option(None, help="N for both kinds (overrides the two above)."),
@@ -252,7 +254,7 @@ def filter_cmd(
         raise typer.Exit(offline_filter(
             model, out, cfg, data=data, math_samples=samples or math_samples, code_samples=samples or code_samples,
             use_difficulty=difficulty, difficulty_model=difficulty_model, difficulty_samples=difficulty_samples,
-            temperature=temperature, max_tokens=max_tokens, report=report))
+            temperature=temperature, max_tokens=max_tokens, report=report, split=split))
     except (DataError, ValueError) as e:
         typer.echo(f"or1: {e}", err=True)
         raise typer.Exit(2) from None

@@ -33,11 +33,11 @@ DIFFICULTY_SAMPLES = 16  # Skywork-OR1-RL-Data's model_difficulty is measured ov
 # ---------------------------------------------------------------- shared
 
 
-def _data_config(cfg: Config, data: str | None, limit: int | None) -> DataConfig:
+def _data_config(cfg: Config, data: str | None, limit: int | None, split: str = "train") -> DataConfig:
     """`--data FILE` (one source, the config's prompt suffix), else the config's learner.data."""
     d = cfg.learner.data
     if data:
-        return DataConfig(source=data, limit=limit, prompt_suffix=d.prompt_suffix, seed=d.seed)
+        return DataConfig(source=data, split=split, limit=limit, prompt_suffix=d.prompt_suffix, seed=d.seed)
     if limit is not None:
         if d.sources:
             return d.model_copy(update={"sources": [s.model_copy(update={"limit": limit}) for s in d.sources]})
@@ -92,7 +92,7 @@ def parse_ks(text: str | None, n: int) -> list[int]:
 
 def evaluate(model: str, cfg: Config, *, data: str | None = None, samples: int = 4, temperature: float | None = None,
              max_tokens: int | None = None, ks: str | None = None, limit: int | None = None,
-             out: str | None = None) -> int:
+             out: str | None = None, split: str = "train") -> int:
     """`or1 eval` (see the module docstring)."""
     from transformers import AutoTokenizer
 
@@ -103,7 +103,7 @@ def evaluate(model: str, cfg: Config, *, data: str | None = None, samples: int =
     lc = cfg.learner
     temperature = temperature if temperature is not None else lc.sampling.temperature
     max_tokens = max_tokens or lc.stages[-1].max_response_tokens
-    pairs = tokenize_prompts(load_problems(_data_config(cfg, data, limit)), AutoTokenizer.from_pretrained(model))
+    pairs = tokenize_prompts(load_problems(_data_config(cfg, data, limit, split)), AutoTokenizer.from_pretrained(model))
     results = _sample(model, cfg, pairs, {"math": samples, "code": samples}, temperature, max_tokens, lc.data.seed)
     summary = summarize_by_source([(p, r) for p, r, _ in results], k_list)
     if out:
@@ -139,12 +139,12 @@ def keep(solved: int, samples: int) -> bool:
 def offline_filter(model: str, out: str, cfg: Config, *, data: str | None = None, math_samples: int = 16,
                    code_samples: int = 8, use_difficulty: bool = True, difficulty_model: str | None = None,
                    difficulty_samples: int = DIFFICULTY_SAMPLES, temperature: float | None = None,
-                   max_tokens: int | None = None, report: str | None = None) -> int:
+                   max_tokens: int | None = None, report: str | None = None, split: str = "train") -> int:
     """`or1 filter` (see the module docstring)."""
     from common.data import DataError, SourceReport, data_sources, load_rows, rows_to_problems
 
     lc = cfg.learner
-    sources = data_sources(_data_config(cfg, data, None))
+    sources = data_sources(_data_config(cfg, data, None, split))
     rows_of, problems, reports = {}, [], {}
     for src in sources:
         rows_of[src.name] = load_rows(src)
