@@ -1,4 +1,4 @@
-"""The generation engine contract (DESIGN §6) and the pieces both engines share.
+"""The generation engine contract (docs/extending.md#an-engine) and the pieces both engines share.
 
 An `Engine` turns prompts (token ids) into groups: for each prompt, `sampling.n` samples, each with
 its sampled token ids (int32), the log-probability of every sampled token under the distribution it

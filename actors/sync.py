@@ -5,7 +5,7 @@ what this actor holds, a background thread asks the learner for a source (`Weigh
 learner's weights port or a relay peer), pulls the flat buffer chunk by chunk, and — when this actor
 relays — serves each chunk to its own children as soon as it has arrived. The run loop loads the
 finished store into the engine between leases, so generation pauses only for the load, not for
-the transfer (DESIGN §5: "the actor keeps generating with its old weights meanwhile, within η").
+the transfer (docs/weights.md#pulls-and-failover: the actor keeps generating with its old weights, within η).
 A stalled or failed transfer is retried from another source; the old weights stay in use.
 
 On one host (``bus.shared_memory``): a source on this actor's host hands the version over as a

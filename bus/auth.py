@@ -1,4 +1,4 @@
-"""CurveZMQ on the bus (DESIGN §3 Security): encryption plus an allow-list of client keys.
+"""CurveZMQ on the bus (docs/security.md#curvezmq): encryption plus an allow-list of client keys.
 
 Keys are zmq's certificate files (``zmq.auth.create_certificates``): ``NAME.key`` holds the public
 key, ``NAME.key_secret`` both. The server side (``apply_server``) loads its secret key, makes the

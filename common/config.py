@@ -44,7 +44,7 @@ class BusConfig(Section):
     faulted in again for every frame: 256 MB pulls 10–25 % and 1–16 MB trajectories ~20 % faster
     here (see bus/memory.py)."""
     curve_dir: str | None = None
-    """Directory of CurveZMQ keys (made by `or1 keys`); None = plaintext. See docs/security."""
+    """Directory of CurveZMQ keys (made by `or1 keys`); None = plaintext. See docs/security.md."""
     allow_readable_keys: bool = False
     """Start even when a secret key file (bus.curve_dir) is readable by other users (refused by default)."""
     health_file: str = ""
@@ -88,7 +88,8 @@ class LossConfig(Section):
     """Optimizer steps per batch (1 = strictly on-policy; >1 recomputes pi_prox first)."""
     zero_truncated_reward: bool = True
     """A truncated response (finish reason "length") gets reward 0 whatever the scorer said: Skywork-OR1
-    gives them 0 (§3.2.3), and it closes the answer-then-junk-to-the-cap reward hack of DESIGN §9."""
+    gives them 0 (§3.2.3), and it closes the answer-then-junk-to-the-cap reward hack
+    (docs/training.md#the-embedded-default)."""
 
 
 class EntropyConfig(Section):

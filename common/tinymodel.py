@@ -1,5 +1,5 @@
 """The embedded tiny model: a 1.05M-parameter Qwen2 causal LM with its own byte-level BPE, built
-locally in seconds so `or1 run` needs no download (DESIGN §9).
+locally in seconds so `or1 run` needs no download (docs/training.md#the-embedded-default).
 
 Build (`build_tiny_model`):
 1. Tokenizer: byte-level BPE (`tokenizers`), vocab 2048, trained on the toy tasks' chat text plus a

@@ -1,8 +1,8 @@
 """Warm start of the tiny model on toy:addition: a short supervised pass so RL starts partly right.
 
-DESIGN §9 measured that the warm start that helps RL most has the right answer already the most likely
-one, with a flat enough distribution that temperature-1 samples are right only ~30 % of the time: train
-clean labels first, then briefly on partly wrong labels. Here:
+Measured (docs/training.md#the-embedded-default): the warm start that helps RL most has the right
+answer already the most likely one, with a flat enough distribution that temperature-1 samples are
+right only ~30 % of the time: train clean labels first, then briefly on partly wrong labels. Here:
 
 1. Clean phase: AdamW (lr 2e-3, no weight decay) on mini-batches of 25 of the 100 problems (seeded
    epochs), cross-entropy on the answer tokens ` \\boxed{a+b}<|im_end|>`, until greedy decoding is right

@@ -16,7 +16,7 @@ makes this moot by default). Disabled -> alpha is always 0 and c stays at c_0.
 Defaults follow the released scripts (delta 1e-4, bounds [0, 0.005], target 0.2): 50 steps below
 target reach the cap. The paper's text says delta = 0.005 with no bounds; that is one config value.
 The released code gates on the sampled tokens' NLL from rank 0 only; here it is the exact entropy
-over all ranks (DESIGN §8).
+over all ranks (docs/training.md#entropy-control).
 """
 
 from __future__ import annotations

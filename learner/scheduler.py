@@ -18,8 +18,8 @@ Every (lease_id, prompt_id) granted ends in exactly one END event, a prompt is b
 its END (so never leased twice at once, never twice in one batch), and a requeued prompt is served
 again before the dataset order continues. A late submit of a closed lease finds no lease: rejected.
 
-Admission (DESIGN §4). With B the current stage's prompts_per_batch and counts taken since the
-stage began (so a change of B between stages starts a fresh account)::
+Admission (docs/staleness.md#admission). With B the current stage's prompts_per_batch and counts
+taken since the stage began (so a change of B between stages starts a fresh account)::
 
     trained + training + in_flight + buffered + k <= (v + eta + 1) * B
 

@@ -6,7 +6,7 @@ Protocol (DEALER side, `bus.client.Client`):
 2. ScoreRequest(request_id, items): every item goes to the pool (`rewards.pool.ScorePool`) at
    once; when the last one resolves, ScoreResult(request_id, results in item order) goes back,
    followed by Ready(free). Ready is absolute ("I can take `free` more now"), matching
-   `bus.dispatch.ScoreDispatcher.ready`; a request bigger than `free` is still accepted and simply
+   `learner.dispatch.ScoreDispatcher.ready`; a request bigger than `free` is still accepted and simply
    queues in the pool.
 3. Wait(WAIT_DONE) or Bye from the learner, SIGTERM or SIGINT: say Bye, stop the pool, return.
    (The learner gives a departed worker's requests to another.)

@@ -1,6 +1,6 @@
 """The reward service end to end: real `python -m rewards.worker` processes on a real bus, with
 the learner side played by the real pieces the learner uses (bus.server.Server and
-bus.dispatch.ScoreDispatcher). A worker killed mid-request loses no item; a late answer from a
+learner.dispatch.ScoreDispatcher). A worker killed mid-request loses no item; a late answer from a
 worker the learner gave up on is ignored; every item gets exactly one result."""
 
 from __future__ import annotations
