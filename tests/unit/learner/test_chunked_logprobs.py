@@ -61,7 +61,8 @@ class ShapeProbe(TorchDispatchMode):
 
     def vocab_rows(self, vocab: int, hidden: int) -> int:
         """The most positions any [..., V] tensor held (the head weight's transpose [H, V] aside)."""
-        sizes = [int(np.prod(s[:-1])) for _, s in self.shapes if s and s[-1] == vocab and s != (hidden, vocab)]
+        sizes = [int(np.prod(s[:-1])) for _, s in self.shapes
+                 if s and s[-1] == vocab and s != (hidden, vocab)]
         return max(sizes, default=0)
 
 
@@ -119,7 +120,8 @@ def test_scoring_forward_equals_full_logits_with_gradients(tiny_model, monkeypat
         lp, H = chunked(ids, attn, live)
     assert "forward" not in chunked.__dict__ and "forward" not in chunked.lm_head.__dict__  # restored
     assert lp.shape == H.shape == live.shape and torch.all(lp[~live] == 0) and torch.all(H[~live] == 0)
-    assert torch.allclose(lp[live], ref_lp[live], atol=1e-5) and torch.allclose(H[live], ref_H[live], atol=1e-5)
+    assert torch.allclose(lp[live], ref_lp[live], atol=1e-5)
+    assert torch.allclose(H[live], ref_H[live], atol=1e-5)
     ((lp[live] * weights).sum() + 0.5 * H[live].sum()).backward()
     want = dict(full.named_parameters())
     scale = max(p.grad.abs().max().item() for p in want.values())
@@ -153,8 +155,8 @@ def test_train_step_gradients_equal_full_logits_reference(tiny_model, monkeypatc
     logits = model(input_ids=ids, attention_mask=torch.from_numpy(mb.attention_mask), use_cache=False).logits
     logp, ent = token_logprobs_and_entropy(logits[:, :-1], ids[:, 1:], TEMPERATURE)
     cut = lambda a: torch.from_numpy(a[:, 1:])  # noqa: E731
-    out = policy_loss(LossInputs(logp, ent, cut(mb.behaviour_logprobs), cut(mb.advantages), cut(mb.loss_mask)),
-                      LossConfig(), 0.003, float(total))
+    inputs = LossInputs(logp, ent, cut(mb.behaviour_logprobs), cut(mb.advantages), cut(mb.loss_mask))
+    out = policy_loss(inputs, LossConfig(), 0.003, float(total))
     out.loss.backward()
     assert metrics["loss/total"] == pytest.approx(out.loss.item(), rel=1e-5, abs=1e-7)
     scale = max(p.grad.abs().max().item() for p in model.parameters())
