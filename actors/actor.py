@@ -122,7 +122,7 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     from bus.auth import client_curve, server_curve
     from bus.weight_server import WeightServer
 
-    curve = client_curve(cfg.bus.curve_dir, ROLE_ACTOR)
+    curve = client_curve(cfg.bus.curve_dir, ROLE_ACTOR, cfg.bus.client_key)
     relay = WeightServer(a.relay_bind, max_message_bytes=cfg.bus.max_message_bytes,
                          curve=server_curve(cfg.bus.curve_dir, cfg.bus.allow_readable_keys)) if a.relay_bind else None
     relay_ep = relay_advertise(relay.endpoint if relay else "", a.relay_advertise)
@@ -154,14 +154,15 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     sync_box.append(sync)
     sync.start()
 
-    epoch = {"now": welcome.epoch}
+    epoch = {"now": (welcome.run_id, welcome.epoch)}
 
     def on_welcome(w) -> None:
-        # A learner restarted from a checkpoint (a new epoch) may retrain versions we hold with other
-        # weights: whatever we hold came from a history it no longer has, so pull its current version.
-        if w.epoch != epoch["now"]:
-            log.warning("actor.new_epoch", held=held["version"], learner=w.version, epoch=w.epoch)
-            epoch["now"] = w.epoch
+        # A learner restarted from a checkpoint (a new epoch), or started afresh without one (a new
+        # run id, epoch 0 again), may retrain versions we hold with other weights: whatever we hold
+        # came from a history it no longer has, so pull its current version.
+        if (w.run_id, w.epoch) != epoch["now"]:
+            log.warning("actor.new_epoch", held=held["version"], learner=w.version, epoch=w.epoch, run_id=w.run_id)
+            epoch["now"] = (w.run_id, w.epoch)
             held["version"] = -1
             sync.reset()
 

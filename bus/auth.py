@@ -168,6 +168,7 @@ def server_curve(curve_dir: str | None, allow_readable: bool = False) -> CurveCo
     return cfg
 
 
-def client_curve(curve_dir: str | None, name: str) -> CurveConfig | None:
-    """A client's CURVE config (its key pair DIR/clients/NAME.key_secret) from `bus.curve_dir`, or None."""
-    return CurveConfig.client_from_dir(curve_dir, name) if curve_dir else None
+def client_curve(curve_dir: str | None, name: str, key: str = "") -> CurveConfig | None:
+    """A client's CURVE config from `bus.curve_dir` (its key pair DIR/clients/KEY.key_secret, KEY being
+    `key` (bus.client_key) or else its role `name`), or None (plaintext)."""
+    return CurveConfig.client_from_dir(curve_dir, key or name) if curve_dir else None

@@ -45,6 +45,9 @@ class BusConfig(Section):
     here (see bus/memory.py)."""
     curve_dir: str | None = None
     """Directory of CurveZMQ keys (made by `or1 keys`); None = plaintext. See docs/security.md."""
+    client_key: str = ""
+    """Name of this client's key pair in curve_dir/clients (default: its role, e.g. actor). The name
+    decides the role (bus/auth.py): a node with its own key uses e.g. client_key = "actor-node7"."""
     allow_readable_keys: bool = False
     """Start even when a secret key file (bus.curve_dir) is readable by other users (refused by default)."""
     health_file: str = ""

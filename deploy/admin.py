@@ -18,7 +18,7 @@ def _client(endpoint: str, cfg: Config, admin_key: str = "") -> Client:
     from bus.auth import client_curve
 
     c = Client(endpoint, lambda: Hello(role=ROLE_ADMIN, worker_id=wid, host=socket.gethostname(), admin_key=admin_key),
-               heartbeat_s=cfg.bus.heartbeat_s, liveness=cfg.bus.liveness, curve=client_curve(cfg.bus.curve_dir, ROLE_ADMIN))
+               heartbeat_s=cfg.bus.heartbeat_s, liveness=cfg.bus.liveness, curve=client_curve(cfg.bus.curve_dir, ROLE_ADMIN, cfg.bus.client_key))
     c.connect(timeout=10.0)
     return c
 

@@ -112,8 +112,14 @@ def prepare(cfg: Config, explicit_out: bool) -> Config:
     return cfg
 
 
+def _interrupt(*_) -> None:
+    """SIGTERM (timeout, a scheduler, kill) stops every child as Ctrl-C does, instead of orphaning them."""
+    raise KeyboardInterrupt
+
+
 def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> int:
     t_start = time.monotonic()
+    signal.signal(signal.SIGTERM, _interrupt)
     cfg = prepare(cfg, explicit_out)
     run_dir = Path(cfg.learner.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

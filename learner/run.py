@@ -118,7 +118,7 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     state = group.load_checkpoint(latest) if latest else {}
     epoch = int(state.get("epoch", -1)) + 1
     ledger = Ledger(run_dir / "ledger.jsonl")
-    scheduler = Scheduler.from_config(prompts, lc, epoch, on_event=ledger.write)
+    scheduler = Scheduler.from_config(prompts, lc, epoch, on_event=ledger.write, vocab_size=group.trainer.vocab_size)
     if state:
         scheduler.load_state_dict(state["scheduler"])
         controller.load_state_dict(state["entropy"])

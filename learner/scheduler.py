@@ -155,6 +155,7 @@ class Scheduler:
         zero_truncated_reward: bool = True,
         on_event: Callable[[dict], None] | None = None,
         source_weights: dict[str, float] | None = None,
+        vocab_size: int = 0,
     ):
         if not stages:
             raise ValueError("at least one stage is needed")
@@ -162,6 +163,7 @@ class Scheduler:
         if len(self._prompts) != len(prompts):
             raise ValueError("prompt ids must be unique")
         self.stages, self.sampling, self.epoch = list(stages), sampling, epoch
+        self.vocab_size = vocab_size  # token ids a submitted sample may hold: [0, vocab_size) (0 = unchecked)
         self.eta = self._check_eta(max_staleness)
         self.lease_groups, self.lease_timeout_s, self.seed = lease_groups, lease_timeout_s, seed
         self.zero_truncated_reward = zero_truncated_reward
@@ -181,11 +183,11 @@ class Scheduler:
 
     @classmethod
     def from_config(cls, prompts: Sequence[Prompt], cfg: LearnerConfig, epoch: int,
-                    on_event: Callable[[dict], None] | None = None) -> "Scheduler":
+                    on_event: Callable[[dict], None] | None = None, vocab_size: int = 0) -> "Scheduler":
         return cls(
             prompts, cfg.stages, cfg.sampling, epoch=epoch, max_staleness=cfg.max_staleness,
             lease_groups=cfg.lease_groups, lease_timeout_s=cfg.lease_timeout_s, seed=cfg.data.seed,
-            zero_truncated_reward=cfg.loss.zero_truncated_reward, on_event=on_event,
+            zero_truncated_reward=cfg.loss.zero_truncated_reward, on_event=on_event, vocab_size=vocab_size,
             source_weights={s.name: s.weight for s in data_sources(cfg.data)},
         )
 
@@ -361,6 +363,8 @@ class Scheduler:
                 return REJECT_BAD_SAMPLE
             if not np.all(np.isfinite(lp)):  # one NaN log-prob would poison a whole step
                 return REJECT_BAD_SAMPLE
+            if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or (self.vocab_size and ids.max() >= self.vocab_size)):
+                return REJECT_BAD_SAMPLE  # an id outside the vocabulary would stop the trainer's embedding lookup
         return ""
 
     def release(self, actor_id: str, lease_ids: Sequence[int]) -> int:

@@ -147,12 +147,10 @@ class RewardService:
 
 
 def _curve(bus: BusConfig):
-    """CurveZMQ keys from `bus.curve_dir` (the `reward` key pair of `bus.auth.make_layout`), or None."""
-    if not bus.curve_dir:
-        return None
-    from bus.auth import CurveConfig
+    """CurveZMQ keys from `bus.curve_dir` (the `reward` key pair, or `bus.client_key`), or None."""
+    from bus.auth import client_curve
 
-    return CurveConfig.client_from_dir(bus.curve_dir, ROLE_REWARD)
+    return client_curve(bus.curve_dir, ROLE_REWARD, bus.client_key)
 
 
 def run(cfg: RewardConfig, bus: BusConfig) -> None:

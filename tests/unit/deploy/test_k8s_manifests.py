@@ -295,13 +295,15 @@ def test_the_readme_secret_validates(keys):
 
 
 def materialise(keys: Path, volume: dict, into: Path) -> Path:
-    """Lay the Secret's items out as the kubelet would: each key at its `path` under the mount."""
+    """Lay the Secret's items out as the kubelet would: each key at its `path` under the mount, with
+    the volume's defaultMode (the learner refuses secret keys other users can read)."""
     data = secret_data(keys)
     for item in volume["secret"]["items"]:
         assert item["key"] in data, f"Secret {SECRET} has no key {item['key']!r} (keys: {sorted(data)})"
         target = into / item["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data[item["key"]].read_bytes())
+        target.chmod(item.get("mode", volume["secret"]["defaultMode"]))
     return into
 
 

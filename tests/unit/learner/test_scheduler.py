@@ -362,3 +362,22 @@ def test_from_config():
     assert (s.eta, s.lease_groups, s.epoch, s.batch_size) == (2, 3, 5, 8)
     with pytest.raises(ValueError):
         Scheduler(prompts(2) + prompts(1), [stage()], SamplingConfig(), epoch=0)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_at_submit():
+    """An out-of-vocabulary id used to pass the scheduler and raise in the trainer's embedding
+    lookup, which stopped the learner: one hostile actor could end the run."""
+    from bus.messages import FINISH_STOP, Group, Lease, Sample
+    from common.config import SamplingConfig, StageConfig
+    from learner.scheduler import REJECT_BAD_SAMPLE, Prompt, Scheduler
+
+    s = Scheduler([Prompt("p0", np.array([1], np.int32), "math", "1")],
+                  [StageConfig(steps=5, max_response_tokens=4, prompts_per_batch=1, group_size=2)],
+                  SamplingConfig(), epoch=0, vocab_size=100)
+    lease = s.grant("a", 1, 0, 0.0)
+    assert isinstance(lease, Lease)
+    bad = [Sample(np.array([5, 100], np.int32), np.zeros(2, np.float32), FINISH_STOP, "")] * 2
+    res = s.submit("a", lease.lease_id, 0, [Group("p0", 0, bad)], 0.0)
+    assert not res.accepted and res.reason == REJECT_BAD_SAMPLE
+    neg = [Sample(np.array([-1], np.int32), np.zeros(1, np.float32), FINISH_STOP, "")] * 2
+    assert s.submit("a", lease.lease_id, 0, [Group("p0", 0, neg)], 0.0).reason == REJECT_BAD_SAMPLE
