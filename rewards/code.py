@@ -80,7 +80,7 @@ THINK_END = "</think>"
 CODE_BLOCK = re.compile(r"```python3?[ \t]*\r?\n(.*?)```", re.DOTALL)
 RUN_OVERHEAD_S = 1.0  # interpreter start + harness, added to a harness run's wall budget
 DETAIL_CHARS = 200
-PLAN_CACHE_SIZE = 512  # assertion plans kept per process: a group's responses share one reference
+PLAN_CACHE_SIZE = 128  # assertion plans kept per process: a group's responses share one reference
 HARNESS = (Path(__file__).parent / "harness.py").read_text()
 BAD_REFERENCE = "bad_reference"
 REFERENCE_EVAL = "reference_eval"
@@ -383,7 +383,7 @@ def _channel_bytes(cfg: RewardConfig, ref_size: int) -> int:
 
 # --- assertion plans and the oracle --------------------------------------------------------------------
 
-_plans: OrderedDict[tuple[str, str, str], Plan | BadReference] = OrderedDict()
+_plans: OrderedDict[bytes, Plan | BadReference] = OrderedDict()  # sha256 of the reference's parts
 
 
 class ReferenceEvalError(RuntimeError):
@@ -393,7 +393,7 @@ class ReferenceEvalError(RuntimeError):
 def assert_plan(tests: AssertTests, cfg: RewardConfig, deadline: float | None = None) -> Plan:
     """The (cached) plan of an assertion reference; BadReference or ReferenceEvalError. Building it
     may take an oracle run, which must end by `deadline` (default: code_item_timeout_s from now)."""
-    key = (tests.prefix, tests.test, tests.entry_point)
+    key = hashlib.sha256(json.dumps([tests.prefix, tests.test, tests.entry_point]).encode()).digest()
     hit = _plans.get(key)
     if hit is None:
         if deadline is None:
