@@ -51,6 +51,10 @@ def _worker_main(conn: Connection, cfg_json: str) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         return
+    from common.log import setup_logging
+
+    # stderr, like every or1 process: `or1 score` prints its results on stdout
+    setup_logging("score_worker", str(os.getpid()))
     from rewards.core import score_one, warm_up
 
     cfg = RewardConfig.model_validate_json(cfg_json)

@@ -119,3 +119,20 @@ def test_result_line_never_raises():
     assert json.loads(line) == {"line": 3, "id": "\udcff", "reward": 0.0, "detail": "x\ud800"}
     assert json.loads(result_line(1, "é", ScoreOut(1.0))) == {"line": 1, "id": "é", "reward": 1.0}
     assert "é" in result_line(1, "é", ScoreOut(1.0))  # readable when it can be
+
+
+@pytest.mark.skipif(bool(sandbox_problem()), reason=f"no sandbox here: {sandbox_problem()}")
+def test_cli_stdout_holds_only_result_lines(tmp_path: Path):
+    """Scoring processes log to stderr: a bad reference's warning once landed among the results."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"response": "```python\nprint(1)\n```", "reference": {"nope": 1}}) + "\n")
+    root = Path(__file__).parents[3]
+    proc = subprocess.run([sys.executable, "-m", "deploy.cli", "score", str(path), "--kind", "code",
+                           "--workers", "1"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["error"].startswith("bad_reference: ")
+    assert "code/bad_reference" in proc.stderr
