@@ -93,6 +93,11 @@ class LossConfig(Section):
     """A truncated response (finish reason "length") gets reward 0 whatever the scorer said: Skywork-OR1
     gives them 0 (§3.2.3), and it closes the answer-then-junk-to-the-cap reward hack
     (docs/training.md#the-embedded-default)."""
+    keep_zero_advantage: bool = False
+    """Train on groups whose rewards are all equal too: their advantage is 0, so they add only the
+    entropy term's gradient; for systems benchmarks with untrained models (benchmarks/bench_scale.py),
+    never for real training. Such groups are still counted in filter/zero_adv_* (and
+    filter/zero_adv_kept)."""
 
 
 class EntropyConfig(Section):

@@ -4,7 +4,9 @@ Group path (driven by `learner/scheduler.py`, which owns the admission accountin
 
 1. A scored group is classified by its rewards: all equal -> zero advantage, dropped before
    batching (`filter/zero_adv_all_correct` when every sample has reward >= SOLVED_REWARD, else
-   `filter/zero_adv_all_wrong`); otherwise it is buffered.
+   `filter/zero_adv_all_wrong`); otherwise it is buffered. With `loss.keep_zero_advantage` (systems
+   benchmarks of untrained models only) a zero-advantage group is counted the same way, plus
+   `filter/zero_adv_kept`, and buffered too: it trains with advantage 0 (only the entropy term acts).
 2. `GroupBuffer.purge_stale(v, eta)` removes every buffered group with staleness v - w > eta (never
    trained; the scheduler requeues the prompt), then `take(B)` hands out B groups, the oldest
    weights first, so the groups closest to the staleness bound are trained before they cross it.
@@ -32,6 +34,7 @@ import numpy as np
 from bus.messages import FINISH_LENGTH, Sample
 
 SOLVED_REWARD = 1.0  # a sample with reward >= this counts as solved (pass rate, all-correct filter)
+KEPT_ZERO_ADV = "zero_adv_kept"  # GroupBuffer.add: a zero-advantage group buffered (keep_zero_advantage)
 ADV_EPS = 1e-6
 
 
@@ -78,11 +81,12 @@ def staleness_metrics(groups: list[ScoredGroup], version: int, eta: int) -> dict
 
 
 class GroupBuffer:
-    """Scored groups: zero-advantage ones counted and dropped, useful ones held in arrival order
-    until a batch takes them. Counters and rewards accumulate between batches and are reported
-    (then reset) with the next batch's metrics."""
+    """Scored groups: zero-advantage ones counted and dropped (kept when `keep_zero_advantage`),
+    useful ones held in arrival order until a batch takes them. Counters and rewards accumulate
+    between batches and are reported (then reset) with the next batch's metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_zero_advantage: bool = False) -> None:
+        self.keep_zero_advantage = keep_zero_advantage
         self._groups: list[ScoredGroup] = []
         self._counts: Counter[str] = Counter()
         self._rewards: list[float] = []
@@ -91,15 +95,20 @@ class GroupBuffer:
         return len(self._groups)
 
     def add(self, group: ScoredGroup) -> str:
-        """Classify and keep if useful; returns "useful", "all_correct" or "all_wrong"."""
+        """Classify and keep if useful; returns "useful", "all_correct" or "all_wrong" (dropped), or
+        KEPT_ZERO_ADV (a zero-advantage group held because of keep_zero_advantage)."""
         kind = classify(group.rewards)
         self._rewards.extend(float(r) for r in group.rewards)
         if kind == "useful":
             self._counts["filter/useful_groups"] += 1
             self._groups.append(group)
-        else:
-            self._counts["filter/zero_adv_groups"] += 1
-            self._counts[f"filter/zero_adv_{kind}"] += 1
+            return kind
+        self._counts["filter/zero_adv_groups"] += 1
+        self._counts[f"filter/zero_adv_{kind}"] += 1
+        if self.keep_zero_advantage:
+            self._counts["filter/zero_adv_kept"] += 1
+            self._groups.append(group)
+            return KEPT_ZERO_ADV
         return kind
 
     def drain(self) -> list[ScoredGroup]:
@@ -130,8 +139,11 @@ class GroupBuffer:
         keys = ("filter/useful_groups", "filter/zero_adv_groups", "filter/zero_adv_all_correct",
                 "filter/zero_adv_all_wrong", "staleness/dropped")
         m: dict[str, Any] = {k: float(self._counts[k]) for k in keys}
+        if self.keep_zero_advantage:
+            m["filter/zero_adv_kept"] = float(self._counts["filter/zero_adv_kept"])
         scored = m["filter/useful_groups"] + m["filter/zero_adv_groups"]
-        m["filter/kept_frac"] = m["filter/useful_groups"] / scored if scored else 0.0
+        kept = m["filter/useful_groups"] + m.get("filter/zero_adv_kept", 0.0)
+        m["filter/kept_frac"] = kept / scored if scored else 0.0
         m["reward/mean"] = float(np.mean(self._rewards)) if self._rewards else 0.0
         m.update(staleness_metrics(batch, version, eta))
         self._counts.clear()

@@ -8,7 +8,8 @@ Life of a group (one prompt, n samples), each step emitting a ledger event throu
     grant -> Lease         prompt busy; counted in flight
     submit -> accepted     (or rejected with a reason: the prompt stays pending in its lease)
     scored(rewards)        all equal -> END filtered (zero advantage; not requeued: it comes back
-                           next dataset pass) | useful -> buffered
+                           next dataset pass; buffered instead with loss.keep_zero_advantage)
+                           | useful -> buffered
     take_batch             buffered groups with staleness v - w > eta -> END stale (requeued);
                            else B groups, oldest weights first -> training
     on_step                END trained at version v; v += 1; stage advance
@@ -59,7 +60,7 @@ from bus.messages import (
     Group, Lease, PromptItem, SamplingSpec, Wait,
 )
 from common.config import LearnerConfig, SamplingConfig, StageConfig
-from learner.buffer import SOLVED_REWARD, GroupBuffer, ScoredGroup
+from learner.buffer import KEPT_ZERO_ADV, SOLVED_REWARD, GroupBuffer, ScoredGroup
 from common.data import data_sources
 from learner.mixture import make_order
 
@@ -153,6 +154,7 @@ class Scheduler:
         lease_timeout_s: float = 600.0,
         seed: int = 0,
         zero_truncated_reward: bool = True,
+        keep_zero_advantage: bool = False,
         on_event: Callable[[dict], None] | None = None,
         source_weights: dict[str, float] | None = None,
         vocab_size: int = 0,
@@ -175,7 +177,7 @@ class Scheduler:
         self._leases: dict[int, _Lease] = {}
         self._busy: dict[str, int] = {}  # prompt_id -> lease_id, from grant to END
         self._scoring: dict[int, tuple[int, Prompt, Group]] = {}  # group_id -> (lease_id, prompt, group)
-        self._buffer = GroupBuffer()
+        self._buffer = GroupBuffer(keep_zero_advantage)
         self._training: list[ScoredGroup] = []
         self._stage_passes: dict[str, list[int]] = {}  # prompt_id -> [solved, samples] this stage
         self._dropped: set[str] = set()
@@ -187,7 +189,8 @@ class Scheduler:
         return cls(
             prompts, cfg.stages, cfg.sampling, epoch=epoch, max_staleness=cfg.max_staleness,
             lease_groups=cfg.lease_groups, lease_timeout_s=cfg.lease_timeout_s, seed=cfg.data.seed,
-            zero_truncated_reward=cfg.loss.zero_truncated_reward, on_event=on_event, vocab_size=vocab_size,
+            zero_truncated_reward=cfg.loss.zero_truncated_reward, keep_zero_advantage=cfg.loss.keep_zero_advantage,
+            on_event=on_event, vocab_size=vocab_size,
             source_weights={s.name: s.weight for s in data_sources(cfg.data)},
         )
 
@@ -418,7 +421,7 @@ class Scheduler:
         stats[1] += len(r)
         kind = self._buffer.add(ScoredGroup(group_id, lease_id, prompt.prompt_id, prompt.token_ids,
                                             group.weight_version, group.samples, r))
-        if kind != "useful":
+        if kind not in ("useful", KEPT_ZERO_ADV):
             self._end(lease_id, prompt.prompt_id, group_id, END_FILTERED, kind, requeue=False,
                       rewards=r.tolist())
             return kind

@@ -46,6 +46,32 @@ def test_zero_advantage_groups_dropped_and_counted():
     assert m2 == {}  # nothing taken, counters still reset by the previous batch
 
 
+def test_keep_zero_advantage_buffers_equal_reward_groups_with_advantage_zero():
+    buf = GroupBuffer(keep_zero_advantage=True)
+    kinds = [buf.add(group(i, r)) for i, r in enumerate([[1, 1], [0, 0], [1, 0]])]
+    assert kinds == ["zero_adv_kept", "zero_adv_kept", "useful"]
+    assert len(buf) == 3
+    groups, m = buf.take(3, version=0, eta=0)
+    assert [g.group_id for g in groups] == [0, 1, 2]
+    # still counted as zero-advantage groups, and as kept
+    assert m["filter/zero_adv_groups"] == 2 and m["filter/zero_adv_kept"] == 2 and m["filter/useful_groups"] == 1
+    assert m["filter/zero_adv_all_correct"] == 1 and m["filter/zero_adv_all_wrong"] == 1
+    assert m["filter/kept_frac"] == 1.0
+    advantages = [s.advantage for s in to_train_samples(groups)]
+    assert advantages[:4] == [0.0, 0.0, 0.0, 0.0] and advantages[4] > 0 > advantages[5]
+
+
+def test_keep_zero_advantage_is_off_by_default():
+    from common.config import LossConfig
+
+    assert LossConfig().keep_zero_advantage is False
+    buf = GroupBuffer()
+    assert buf.add(group(0, [0, 0])) == "all_wrong" and len(buf) == 0
+    buf.add(group(1, [1, 0]))
+    _, m = buf.take(1, 0, 0)
+    assert "filter/zero_adv_kept" not in m and m["filter/kept_frac"] == 0.5
+
+
 def test_staleness_checked_at_consumption_and_oldest_weights_first():
     buf = GroupBuffer()
     for gid, w in [(1, 5), (2, 3), (3, 4), (4, 2), (5, 5)]:

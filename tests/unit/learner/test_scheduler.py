@@ -381,3 +381,26 @@ def test_token_ids_outside_the_vocabulary_are_refused_at_submit():
     assert not res.accepted and res.reason == REJECT_BAD_SAMPLE
     neg = [Sample(np.array([-1], np.int32), np.zeros(1, np.float32), FINISH_STOP, "")] * 2
     assert s.submit("a", lease.lease_id, 0, [Group("p0", 0, neg)], 0.0).reason == REJECT_BAD_SAMPLE
+
+
+def test_keep_zero_advantage_from_config_trains_all_wrong_groups():
+    """loss.keep_zero_advantage (benchmarks of untrained models): all-wrong groups are buffered
+    and trained instead of filtered; the ledger shows them trained, none filtered."""
+    cfg = LearnerConfig()
+    cfg.stages = [stage(B=2, n=2)]
+    cfg.loss.keep_zero_advantage = True
+    events: list[dict] = []
+    s = Scheduler.from_config(prompts(4), cfg, epoch=0, on_event=events.append)
+    lease = s.grant("a", 2, 0, 0.0)
+    assert fulfil(s, lease, 0, [0, 0]) == ["buffered", "buffered"]
+    batch = s.take_batch()
+    assert batch is not None and len(batch.groups) == 2
+    assert batch.metrics["filter/zero_adv_kept"] == 2 and batch.metrics["filter/zero_adv_all_wrong"] == 2
+    s.on_step()
+    outcomes = [e["outcome"] for e in events if e["event"] == "end"]
+    assert outcomes == ["trained", "trained"]
+
+    cfg.loss.keep_zero_advantage = False  # the default: the same groups are filtered
+    s = Scheduler.from_config(prompts(4), cfg, epoch=0)
+    assert fulfil(s, s.grant("a", 2, 0, 0.0), 0, [0, 0]) == ["all_wrong", "all_wrong"]
+    assert s.take_batch() is None
