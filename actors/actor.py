@@ -260,6 +260,8 @@ def _generate(engine, lease: Lease, version: int, stats: ActorStats) -> list[Gro
     stats.gen_s += dt
     stats.groups += len(groups)
     stats.leases += 1
+    log.info("actor.generated", lease_id=lease.lease_id, groups=len(groups), gen_s=round(dt, 3),
+             tokens=sum(len(s.token_ids) for g in groups for s in g.samples))
     return groups
 
 

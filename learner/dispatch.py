@@ -79,9 +79,11 @@ class ScoreDispatcher:
         self._dropped: set[str] = set()
         self._out: dict[int, _Outstanding] = {}
         self._next_rid = 1
+        # counters since the start; bus/score_s sums the send-to-accepted-result time of the
+        # bus/score_results accepted (mean scoring latency = their ratio between two reads)
         self.metrics: dict[str, float] = dict.fromkeys(
             ("bus/score_requests", "bus/score_reassigned", "bus/late_results", "bus/score_failed", "bus/bad_scores",
-             "bus/dropped_workers"), 0.0)
+             "bus/dropped_workers", "bus/score_results", "bus/score_s"), 0.0)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -109,6 +111,8 @@ class ScoreDispatcher:
             self._pump(now)
             return False
         del self._out[msg.request_id]
+        self.metrics["bus/score_results"] += 1
+        self.metrics["bus/score_s"] += max(0.0, now - out.sent_at)
         w = self._workers.get(worker_id)
         if w is not None:
             w.outstanding.discard(msg.request_id)

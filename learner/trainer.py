@@ -133,9 +133,11 @@ class Trainer:
                 prox = [self._score(b)[0] for b in batches]
         sums: dict[str, torch.Tensor] = {}
         norms: list[float] = []
+        fwd_bwd_s = optim_s = 0.0
         for (a, b), tokens in zip(spans, span_tokens):
             if tokens == 0:
                 continue  # the same on every rank: the tokens were all-reduced
+            t_pass = time.perf_counter()
             for i in range(a, b):
                 self.engine.set_gradient_accumulation_boundary(i == b - 1)
                 out = self._loss(batches[i], prox[i], entropy_coef, tokens)
@@ -144,13 +146,18 @@ class Trainer:
                 for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + value.double() * share
                 sums["loss/total"] = sums.get("loss/total", 0.0) + out.loss.detach().double() * share
+            t_opt = time.perf_counter()
+            fwd_bwd_s += t_opt - t_pass
             norms.append(self._optimizer_step())
+            optim_s += time.perf_counter() - t_opt
             self.version += 1
         metrics = self._sum_over_ranks(sums)
         metrics["learner/grad_norm"] = float(np.mean(norms))
         metrics["learner/lr"] = float(self.engine.get_lr()[0])
         metrics["learner/tokens"] = float(total_tokens)
         metrics["learner/step_s"] = time.perf_counter() - start
+        metrics["learner/fwd_bwd_s"] = fwd_bwd_s  # this rank's forwards + backwards (ZeRO-2/3 reduce inside)
+        metrics["learner/optim_s"] = optim_s  # this rank's engine.step() calls (clip, AdamW, ZeRO-0/1 reduce)
         return metrics
 
     def _loss(self, batch: _Batch, prox: torch.Tensor | None, entropy_coef: float, tokens: int):

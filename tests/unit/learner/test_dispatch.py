@@ -64,6 +64,8 @@ def test_a_nan_result_goes_to_another_worker_and_only_the_good_one_counts():
     assert req.items == ITEMS
     assert h.d.result("honest", ScoreResult(req.request_id, good()), 2.0)
     assert h.results == {"g1": good()} and h.d.outstanding == 0 and h.d.queued == 0
+    # latency of the accepted result only: sent to "honest" at 1.0, answered at 2.0
+    assert h.d.metrics["bus/score_results"] == 1 and h.d.metrics["bus/score_s"] == pytest.approx(1.0)
 
 
 def test_a_result_from_a_peer_that_does_not_hold_the_request_is_ignored():
