@@ -92,6 +92,7 @@ class Trainer:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
         from deepspeed.utils import logger as ds_logger
+        from transformers import AutoConfig
 
         ds_logger.setLevel(logging.WARNING)
         self.cfg, self.temperature, self.version = cfg, float(temperature), 0
@@ -107,7 +108,9 @@ class Trainer:
         model.train()  # from_pretrained returns eval mode, where HF skips gradient checkpointing
         self.vocab_size = int(model.config.vocab_size)
         check_scorable(model)
-        self.model_dtype = ds_setup.folder_dtype(model.config)
+        # the folder's own dtype (weights_dtype "auto"), not the loaded copy's: that follows the
+        # training precision (fp32 on CPU), which would send actors 2x the bytes of a bf16 folder
+        self.model_dtype = ds_setup.folder_dtype(AutoConfig.from_pretrained(self.model_path))
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         self.zero_stage = int(self.engine.zero_optimization_stage())

@@ -260,6 +260,25 @@ def test_export_dtypes(trainer):
         trainer.export_weights("int8")
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_auto_weights_dtype_is_the_folders_not_the_training_precision(stage, tiny_model, tmp_path):
+    """A bfloat16 folder trained in fp32 (CPU) sends bfloat16 weights under "auto": the loaded model's
+    config says float32 (from_pretrained/from_config record the dtype they loaded in)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(folder)
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "generation")):
+            shutil.copy(f, folder / f.name)
+    trainer = Trainer(folder, config(stage), temperature=1.0)
+    assert trainer.precision == "fp32" and trainer.weights_dtype_name("auto") == "bfloat16"
+    exported = trainer.export_weights()
+    assert {d for _, _, d in exported} == {"bfloat16"} and exported[0][1].dtype == np.uint16
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_stage_lifecycle(stage, tiny_model, tmp_path):
     """Load exactly, learn a fixed positive-advantage batch, export, save -> load -> step == step."""
