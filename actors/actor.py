@@ -145,11 +145,20 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     model = a.model or welcome.model
     log.info("actor.welcome", run_id=welcome.run_id, epoch=welcome.epoch, version=welcome.version, model=model)
 
-    from actors.engine import make_engine
+    from actors.engine import context_error, make_engine
     from actors.sync import WeightSync
     from actors.weights_io import named_tensors
 
-    engine = make_engine(a.engine, model, a)
+    why = context_error(a.max_model_len, welcome.max_model_len, a.tensor_parallel_size, a.engine)
+    if why:  # a bad setting: say which, and leave before building an engine
+        log.error("actor.refused", error=why)
+        client.close(bye="shutdown")
+        if relay is not None:
+            relay.stop()
+        return 2
+    engine = make_engine(a.engine, model, a, max_model_len=welcome.max_model_len or None)
+    log.info("actor.engine", engine=type(engine).__name__, max_model_len=engine.max_model_len,
+             run_needs=welcome.max_model_len)
     sync = WeightSync(client, cfg.bus, relay, curve=curve)
     sync_box.append(sync)
     sync.start()
@@ -165,6 +174,9 @@ def run(cfg: Config, log_format: str = "auto") -> int:
             epoch["now"] = (w.run_id, w.epoch)
             held["version"] = -1
             sync.reset()
+        if w.max_model_len > engine.max_model_len:  # a restarted learner with longer stages or prompts
+            log.warning("actor.context_short", max_model_len=engine.max_model_len, run_needs=w.max_model_len,
+                        fix="restart this actor (it sizes its engine at start)")
 
     client.on_welcome(on_welcome)
 

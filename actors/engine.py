@@ -12,7 +12,8 @@ Shared rules, so the two engines agree sample for sample where they can:
   in one call still get different samples and a call is reproducible per engine (the two engines'
   RNGs differ). `seed=None` uses the engine's own RNG.
 - Length: a response gets at most `min(max_tokens, max_model_len - prompt length)` tokens; a prompt
-  that leaves no room is bad input.
+  that leaves no room is bad input. `max_model_len` is the config's, else the one the learner
+  announces for the run (`make_engine(..., max_model_len=)`), else the model's own limit.
 - Finish reason: "stop" when the last token is an end token (the stop check precedes the length
   check, as in vLLM), "length" otherwise. The end token stays in `token_ids` (it is trained on).
 - Text: `tokenizer.decode(ids, skip_special_tokens=True)`, one batched call per generate; a pure
@@ -24,6 +25,7 @@ Bad input raises ValueError with a one-line reason before the engine is touched.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -69,8 +71,12 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def make_engine(kind: Literal["auto", "vllm", "hf"], model: str, cfg: "ActorConfig") -> Engine:
-    """`auto` = vLLM where importable, else the transformers fallback."""
+def make_engine(kind: Literal["auto", "vllm", "hf"], model: str, cfg: "ActorConfig",
+                max_model_len: int | None = None) -> Engine:
+    """`auto` = vLLM where importable, else the transformers fallback. `max_model_len`: the context
+    when `cfg.max_model_len` is unset (the run's, from the learner; None = the model's own limit)."""
+    if cfg.max_model_len is None and max_model_len:
+        cfg = cfg.model_copy(update={"max_model_len": max_model_len})
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
     if kind == "vllm":
@@ -82,6 +88,39 @@ def make_engine(kind: Literal["auto", "vllm", "hf"], model: str, cfg: "ActorConf
 
         return HFEngine(model, cfg)
     raise ValueError(f"engine must be auto, vllm or hf, got {kind!r}")
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
+def model_context_len(config: Any) -> int | None:
+    """The longest sequence a model allows, from its HF config (or a model folder's): the first of
+    CONTEXT_KEYS it sets; None when it names none."""
+    if isinstance(config, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(config)
+    config = getattr(config, "text_config", None) or config
+    for key in CONTEXT_KEYS:
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def context_error(own: int | None, announced: int, tensor_parallel_size: int = 1, kind: str = "auto") -> str:
+    """Why an actor should not start ("" = fine): its set actor.max_model_len is below the context the
+    learner announced for the run (the run's prompts + its longest stage's responses), so some
+    prompts would not fit and responses would be cut short of the stage's budget; or tensor
+    parallelism asked of the transformers engine."""
+    if tensor_parallel_size > 1 and kind == "hf":
+        return (f"actor.tensor_parallel_size = {tensor_parallel_size} needs the vLLM engine; "
+                "set actor.engine = vllm or actor.tensor_parallel_size = 1")
+    if own is not None and announced and own < announced:
+        return (f"actor.max_model_len = {own} is less than this run needs ({announced} tokens: its "
+                "prompts plus the longest stage's max_response_tokens, as the learner announced); unset "
+                f"actor.max_model_len so the actor takes the run's, or raise it to at least {announced}")
+    return ""
 
 
 def check_request(prompts: Sequence[np.ndarray], sampling: SamplingSpec, vocab_size: int,

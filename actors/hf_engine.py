@@ -10,7 +10,8 @@ it. `scores` are the logits after the logits processors (temperature, then top-p
 the distribution actually sampled from; log_softmax of them at the sampled token is the processed
 log-prob, the same quantity as vLLM's "processed_logprobs". Greedy (T = 0) scores are the raw
 logits. A sample ends at its first end token (kept); later positions are generate's padding. Text:
-`actors.engine.decode_texts`. Device: CUDA when available, else CPU.
+`actors.engine.decode_texts`. Device: CUDA when available, else CPU. Context: `cfg.max_model_len`,
+or the model's own limit (`max_position_embeddings`) when None. One shard only (no tensor parallelism).
 Seeds: the RNG is seeded with the prompt's seed inside `torch.random.fork_rng`, so the caller's
 global RNG is untouched; the samples of one prompt then draw from that one stream (not vLLM's
 per-sample streams: the two engines are each reproducible, not identical to each other).
@@ -34,6 +35,7 @@ from actors.engine import (
     decode_texts,
     end_token_ids,
     make_sample,
+    model_context_len,
     prompt_seed,
     response_budget,
 )
@@ -52,16 +54,20 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         t0 = time.perf_counter()
+        if cfg.tensor_parallel_size > 1:
+            raise ValueError(f"actor.tensor_parallel_size = {cfg.tensor_parallel_size} needs the vLLM engine "
+                             "(actor.engine = vllm); the transformers engine runs one shard")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model_dir = model
         self.version = -1
-        self.max_model_len = cfg.max_model_len
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         dtype = getattr(torch, folder_dtype(model, cfg.dtype))
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
         self.vocab_size = int(self.model.config.vocab_size)
+        # None: the model's own limit (what vLLM derives too)
+        self.max_model_len = cfg.max_model_len or model_context_len(self.model.config)
         self._shapes, self._tied = expected_shapes(model)
         self._end_ids = end_token_ids(model, self.tokenizer)
         pad = self.tokenizer.pad_token_id

@@ -13,6 +13,10 @@ subclass holding the bit patterns, so `WeightStore.from_arrays` tags it "bfloat1
 tied embeddings gets `lm_head.weight` even when the given state dict lacks it, because engines load
 checkpoint-format names and vLLM's tied head is fed through the embedding's name.
 
+`weight_file(named)`: where the tensors of `named_tensors(store)` live as a file other processes can
+map (the store's /dev/shm file), or None; `write_weight_file(items)` makes such a file from any
+tensors. Tensor-parallel vLLM workers load from it (actors/vllm_worker.py).
+
 `expected_shapes(model_dir)`: the HF checkpoint names and shapes of a model folder, from a
 meta-device instance of its architecture (no weights read), so engines can validate a store's names
 and shapes before touching their parameters: a bad store is refused whole, never half-loaded.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,21 +34,99 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from bus.shm import SharedBuffer
     from bus.weights import WeightStore
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def named_tensors(store: "WeightStore") -> Iterator[tuple[str, "torch.Tensor"]]:
+class NamedTensors(Iterable):
+    """Zero-copy (name, tensor) views of a store's buffer, in manifest order (iterable any number of
+    times); `store` stays reachable so an engine can find the file they live in (`weight_file`)."""
+
+    def __init__(self, store: "WeightStore"):
+        self.store = store
+
+    def __iter__(self) -> Iterator[tuple[str, "torch.Tensor"]]:
+        import torch
+
+        for meta, (name, arr) in zip(self.store.manifest.tensors, self.store.arrays()):
+            with warnings.catch_warnings():
+                # A received buffer may be read-only; the engines only read these views (copy_ into params).
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                t = torch.from_numpy(np.asarray(arr).view(arr.dtype))
+            yield name, (t.view(torch.bfloat16) if meta.dtype == "bfloat16" else t)
+
+
+def named_tensors(store: "WeightStore") -> NamedTensors:
     """Zero-copy (name, tensor) views of `store`'s buffer, in manifest order."""
+    return NamedTensors(store)
+
+
+@dataclass
+class WeightFile:
+    """A flat weight buffer as a file another process can map: `path`, its identity `file_id`
+    ("device:inode", so a reader never maps another file at that path) and where each tensor sits
+    (name, wire dtype tag, shape, byte offset, nbytes). `owned`: made by `write_weight_file`, to
+    be removed (`close`) once loaded."""
+
+    path: str
+    file_id: str
+    entries: list[tuple[str, str, list[int], int, int]]
+    owned: "SharedBuffer | None" = None  # the buffer of a file written here (unlinked by close)
+
+    def with_alias(self, alias: str, of: str) -> "WeightFile":
+        """The same file with `alias` also naming tensor `of` (vLLM's tied head, see vllm_engine)."""
+        entry = next(e for e in self.entries if e[0] == of)
+        return WeightFile(self.path, self.file_id, [*self.entries, (alias, *entry[1:])], self.owned)
+
+    def close(self) -> None:
+        if self.owned is not None:
+            self.owned.unlink()
+            self.owned = None
+
+
+def weight_file(named: Any) -> WeightFile | None:
+    """The file `named` (from `named_tensors`) lives in, if its store is in one (bus.shared_memory):
+    None for any other iterable, or a store in private memory."""
+    store = getattr(named, "store", None)
+    shared = getattr(store, "shared", None) if store is not None else None
+    if shared is None or not shared.file_id:
+        return None
+    entries = [(t.name, t.dtype, list(t.shape), t.offset, t.nbytes) for t in store.manifest.tensors]
+    return WeightFile(str(shared.path), shared.file_id, entries)
+
+
+def write_weight_file(items: list[tuple[str, "torch.Tensor"]]) -> WeightFile:
+    """The tensors laid out in a new file (in /dev/shm when it has room, else the temp directory):
+    one copy of the bytes, for workers in other processes to map. Close it after loading."""
+    import tempfile
+    from pathlib import Path
+
     import torch
 
-    for meta, (name, arr) in zip(store.manifest.tensors, store.arrays()):
-        with warnings.catch_warnings():
-            # A received buffer may be read-only; the engines only read these views (copy_ into params).
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            t = torch.from_numpy(np.asarray(arr).view(arr.dtype))
-        yield name, (t.view(torch.bfloat16) if meta.dtype == "bfloat16" else t)
+    from bus import shm
+
+    metas, offset = [], 0
+    for name, t in items:
+        tag = str(t.dtype).removeprefix("torch.")
+        if tag not in WIRE_DTYPES:
+            raise ValueError(f"{name}: dtype {tag} cannot be loaded (one of {WIRE_DTYPES})")
+        offset = -(-offset // 64) * 64
+        nbytes = t.numel() * t.element_size()
+        metas.append((name, tag, list(t.shape), offset, nbytes))
+        offset += nbytes
+    try:
+        buf = shm.SharedBuffer.create(offset)
+    except OSError:  # /dev/shm too small (e.g. Docker's 64 MB): an ordinary file, read through the page cache
+        buf = shm.SharedBuffer.create(offset, shm_dir=Path(tempfile.gettempdir()))
+    for (_, t), (_, _, _, off, _) in zip(items, metas):
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        if flat.dtype == torch.bfloat16:
+            flat = flat.view(torch.uint16)
+        if flat.numel():
+            buf.write(off, flat.numpy().view(np.uint8))
+    return WeightFile(str(buf.path), buf.file_id, metas, owned=buf)
 
 
 def state_dict_arrays(model_or_state_dict: Any, dtype: str = "auto") -> list[tuple[str, np.ndarray]]:

@@ -224,6 +224,7 @@ class Welcome(Message):
     weights_endpoint: Endpoint = ""
     sampling: SamplingSpec | None = None
     stage: int = 0
+    max_model_len: int = 0  # prompt + response tokens the run needs (actor.max_model_len unless set)
 
 
 @dataclass

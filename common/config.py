@@ -325,12 +325,21 @@ class ActorConfig(Section):
     """vLLM's share of accelerator memory (KV cache size on CPU is set by kv_cache_gb)."""
     kv_cache_gb: float = Field(1.0, gt=0)
     """vLLM CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
-    max_model_len: int = Field(4096, ge=16)
-    """Prompt + response tokens per sequence."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Prompt + response tokens per sequence. None (the default): what the learner announces for the
+    run — the longest stage's max_response_tokens plus the longest prompt allowed
+    (learner.data.max_prompt_tokens, else the longest prompt in the data). Set it only to cap memory;
+    an actor refuses to start with less than the run needs. On the learner's side a set value also
+    bounds the prompts (longer ones are dropped, counted as data/dropped_too_long)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """vLLM tensor parallelism: shards of the model, one worker process each (GPUs, or CPU core groups:
+    unless VLLM_CPU_OMP_THREADS_BIND is set, the available cores are split between the shards,
+    `threads` each when set). The model's attention and KV head counts must divide by it."""
     seed: int = 0
     """Sampling seed (each lease also carries one)."""
     threads: int = Field(0, ge=0)
-    """torch threads for generation (0 = torch's default)."""
+    """torch threads for generation (0 = torch's default); with tensor_parallel_size > 1 on CPU, the
+    cores bound to each shard."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Generation dtype; auto = the model folder's own (vLLM's own "auto" would run float32 in 16 bits)."""
     enforce_eager: bool | None = None

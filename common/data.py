@@ -23,8 +23,11 @@ which the math scorer reads as "any of these" (rewards/math.py `parse_golds`).
 Usable rows (`prepare`): a row is unusable when it fits neither schema, when the scorer cannot parse
 its reference (the scorer's own parsing: `parse_golds` for math, `rewards.code.parse_spec` and the
 static part of the assertion plan for code), or when its chat-templated prompt is longer than the
-limit. `prepare` counts these per source and kind (`or1 check-data`); `training_prompts` refuses to
-start when more than `max_unusable_frac` of a source is unusable, unless `allow_unusable`. Ids are made
+limit (`prompt_limit`: learner.data.max_prompt_tokens, a set actor.max_model_len, or the model's own
+context, each less the longest stage's responses). `prepare` counts these per source and kind
+(`or1 check-data`); `training_data` announces the prompts too long (with the setting that bounds them)
+and refuses to start when more than `max_unusable_frac` of a source is unusable, unless
+`allow_unusable`. `run_context` is the context the run's actors then need (actor.max_model_len). Ids are made
 unique by suffixing `~row` (and prefixing `source:` across sources). `prompt_suffix` is appended to the
 last user message (joined with a space unless it starts with whitespace).
 """
@@ -524,12 +527,62 @@ def tokenize_prompts(
     return out
 
 
-def prompt_token_limit(cfg: "Config") -> int:
-    """Longest usable prompt: what actor.max_model_len leaves after the longest stage's responses
-    (at least 16), or learner.data.max_prompt_tokens if smaller."""
-    lc = cfg.learner
-    room = max(16, cfg.actor.max_model_len - max(s.max_response_tokens for s in lc.stages))
-    return min(room, lc.data.max_prompt_tokens) if lc.data.max_prompt_tokens else room
+@dataclass(frozen=True)
+class PromptLimit:
+    """The longest prompt a run can use (`tokens`; None = any) and what sets it (`setting`, named in
+    messages, with `fix`: what to change so more prompts fit)."""
+
+    tokens: int | None
+    setting: str = ""
+    fix: str = ""
+
+
+def longest_response(cfg: "Config") -> int:
+    return max(s.max_response_tokens for s in cfg.learner.stages)
+
+
+def prompt_limit(cfg: "Config", model_len: int | None = None) -> PromptLimit:
+    """The tightest of: learner.data.max_prompt_tokens; what a set actor.max_model_len leaves after
+    the longest stage's responses; what the model's own context (`model_len`, its
+    max_position_embeddings) leaves after them. None of them set: no limit. DataError when the
+    binding one leaves no room for any prompt."""
+    longest = longest_response(cfg)
+    data, actor_len = cfg.learner.data, cfg.actor.max_model_len
+    bounds = []
+    if data.max_prompt_tokens:
+        bounds.append(PromptLimit(data.max_prompt_tokens, "learner.data.max_prompt_tokens",
+                                  "raise learner.data.max_prompt_tokens"))
+    after = f"less the longest stage's max_response_tokens ({longest})"
+    if actor_len:
+        bounds.append(PromptLimit(actor_len - longest, f"actor.max_model_len ({actor_len}) {after}",
+                                  "raise actor.max_model_len, or unset it (the actors then take the run's "
+                                  "context)"))
+    if model_len:
+        bounds.append(PromptLimit(model_len - longest, f"the model's context ({model_len} positions) {after}",
+                                  "lower the longest stage's max_response_tokens, or use a model with a "
+                                  "longer context"))
+    if not bounds:
+        return PromptLimit(None)
+    tightest = min(bounds, key=lambda b: b.tokens)
+    if tightest.tokens < 1:
+        raise DataError(f"no prompt can fit: {tightest.setting} leaves {tightest.tokens} tokens; "
+                        f"{tightest.fix}")
+    return tightest
+
+
+def prompt_token_limit(cfg: "Config", model_len: int | None = None) -> int | None:
+    """Longest usable prompt in tokens (None = any): see `prompt_limit`."""
+    return prompt_limit(cfg, model_len).tokens
+
+
+def run_context(cfg: "Config", pairs: list[tuple[Problem, np.ndarray]]) -> int:
+    """Prompt + response tokens the run's actors need (their max_model_len unless set): the longest
+    stage's max_response_tokens plus the prompt bound — learner.data.max_prompt_tokens, or what a set
+    actor.max_model_len leaves, else the longest prompt in the data."""
+    longest = longest_response(cfg)
+    caps = [c for c in (cfg.learner.data.max_prompt_tokens,
+                        cfg.actor.max_model_len and cfg.actor.max_model_len - longest) if c]
+    return longest + (min(caps) if caps else max((len(ids) for _, ids in pairs), default=1))
 
 
 @dataclass
@@ -539,6 +592,15 @@ class Prepared:
     pairs: list[tuple[Problem, np.ndarray]]
     reports: list[SourceReport]
     sources: list[Source]
+    limit: PromptLimit = PromptLimit(None)
+
+    def total(self, outcome: str) -> int:
+        return sum(r.total(outcome) for r in self.reports)
+
+    def metrics(self) -> dict[str, float]:
+        """Run-level data counts, written with the first step (data/*)."""
+        return {"data/prompts": float(len(self.pairs)), "data/dropped_too_long": float(self.total(TOO_LONG)),
+                "data/unparseable": float(self.total(UNPARSEABLE))}
 
 
 def prepare(cfg: "DataConfig", tokenizer: Any, max_prompt_tokens: int | None) -> Prepared:
@@ -568,15 +630,20 @@ def prepare(cfg: "DataConfig", tokenizer: Any, max_prompt_tokens: int | None) ->
 
 def unusable_error(prepared: Prepared, max_frac: float) -> str:
     """Why the learner should not start ("" = fine): a source with no usable row, or more than
-    `max_frac` of its rows unusable."""
+    `max_frac` of its rows unusable. When prompts too long for the run are among them, it names the
+    setting that bounds them and what to change."""
     bad = [r for r in prepared.reports if r.rows == 0 or r.total(USABLE) == 0 or r.unusable_frac > max_frac]
     if not bad:
         return ""
     parts = [f"{r.source}: {r.rows - r.total(USABLE)} of {r.rows} rows unusable ({100 * r.unusable_frac:.1f} %"
              f"{'; ' + _top_reasons(r, 2) if r.reasons else ''})" for r in bad]
+    too_long = sum(r.total(TOO_LONG) for r in bad)
+    lim = prepared.limit
+    fix = (f"{too_long} prompts are longer than {lim.tokens} tokens, the limit set by {lim.setting}: "
+           f"{lim.fix}; " if too_long and lim.tokens else "")
     return (f"data check failed (more than {100 * max_frac:g} % of a source unusable): " + "; ".join(parts)
-            + ". See `or1 check-data CONFIG`; fix the data, or set learner.data.allow_unusable = true to "
-              "train on the usable rows")
+            + f". {fix}See `or1 check-data CONFIG`; fix the data, or set learner.data.allow_unusable = true "
+              "to train on the usable rows")
 
 
 def _top_reasons(report: SourceReport, n: int) -> str:
@@ -607,19 +674,35 @@ def report_dict(prepared: Prepared) -> dict[str, Any]:
                        "reasons": dict(r.reasons.most_common(10))} for r in prepared.reports}
 
 
-def training_prompts(cfg: "Config", tokenizer: Any) -> list[tuple[Problem, np.ndarray]]:
-    """What the learner trains on: `prepare` with the run's prompt limit, logged per source; DataError
-    when a source is too unusable (unless learner.data.allow_unusable)."""
+def training_data(cfg: "Config", tokenizer: Any, model_len: int | None = None) -> Prepared:
+    """What the learner trains on: `prepare` with the run's prompt limit (`prompt_limit`; `model_len`
+    the model's own context), logged per source; prompts too long to fit are counted and announced
+    with the setting to change; DataError when a source is too unusable (more than
+    learner.data.max_unusable_frac, unless learner.data.allow_unusable)."""
     data = cfg.learner.data
-    prepared = prepare(data, tokenizer, prompt_token_limit(cfg))
+    limit = prompt_limit(cfg, model_len)
+    prepared = prepare(data, tokenizer, limit.tokens)
+    prepared.limit = limit
     log = get_logger()
     for r in prepared.reports:
         log.info("data.source", source=r.source, rows=r.rows, usable=r.total(USABLE),
                  unparseable=r.total(UNPARSEABLE), too_long=r.total(TOO_LONG),
                  kinds={k: c[USABLE] for k, c in r.counts.items()})
+    too_long = prepared.total(TOO_LONG)
+    if too_long:
+        rows = sum(r.rows for r in prepared.reports)
+        log.warning("data.prompts_too_long", dropped=too_long, rows=rows,
+                    percent=round(100 * too_long / rows, 2), max_prompt_tokens=limit.tokens,
+                    set_by=limit.setting, fix=limit.fix)
     why = unusable_error(prepared, data.max_unusable_frac)
     if why and not (data.allow_unusable and prepared.pairs):
         raise DataError(why)
     if why:
         log.warning("data.unusable_allowed", reason=why)
-    return prepared.pairs
+    return prepared
+
+
+def training_prompts(cfg: "Config", tokenizer: Any,
+                     model_len: int | None = None) -> list[tuple[Problem, np.ndarray]]:
+    """The (problem, prompt ids) pairs of `training_data`."""
+    return training_data(cfg, tokenizer, model_len).pairs

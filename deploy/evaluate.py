@@ -49,7 +49,8 @@ def _engine(model: str, cfg: Config, longest_prompt: int, max_tokens: int) -> An
     """An actor engine whose context holds the longest prompt and `max_tokens` of response."""
     from actors.engine import make_engine
 
-    actor = cfg.actor.model_copy(update={"max_model_len": max(cfg.actor.max_model_len, longest_prompt + max_tokens)})
+    context = max(cfg.actor.max_model_len or 0, longest_prompt + max_tokens)
+    actor = cfg.actor.model_copy(update={"max_model_len": context})
     return make_engine(cfg.actor.engine, model, actor)
 
 
@@ -249,12 +250,16 @@ def check_data(cfg: Config, as_json: bool = False) -> int:
     """`or1 check-data` (see the module docstring)."""
     from transformers import AutoTokenizer
 
-    from common.data import format_report, prepare, prompt_token_limit, report_dict, unusable_error
+    from actors.engine import model_context_len
+    from common.data import format_report, prepare, prompt_limit, report_dict, unusable_error
     from learner.run import resolve_model
 
     data = cfg.learner.data
-    limit = prompt_token_limit(cfg)
-    prepared = prepare(data, AutoTokenizer.from_pretrained(resolve_model(cfg)), limit)
+    model = resolve_model(cfg)
+    bound = prompt_limit(cfg, model_context_len(model))  # as the learner bounds them
+    limit = bound.tokens
+    prepared = prepare(data, AutoTokenizer.from_pretrained(model), limit)
+    prepared.limit = bound
     why = unusable_error(prepared, data.max_unusable_frac)
     refused = bool(why) and not (data.allow_unusable and prepared.pairs)
     if as_json:

@@ -111,13 +111,17 @@ class Evaluator:
         self.cfg, self.model_path = cfg, model_path
         self.max_tokens = ec.max_tokens or max(s.max_response_tokens for s in lc.stages)
         data = DataConfig(source=ec.data, split=ec.split, limit=ec.limit, prompt_suffix=lc.data.prompt_suffix)
-        room = max(1, cfg.actor.max_model_len - self.max_tokens)
+        from actors.engine import model_context_len
+
+        context = cfg.actor.max_model_len or model_context_len(model_path) or 0  # what its HFEngine gets
+        room = max(1, context - self.max_tokens)
         self.pairs = tokenize_prompts(load_problems(data), tokenizer, max_prompt_tokens=room)
         if not self.pairs:
             from common.data import DataError
 
-            raise DataError(f"learner.eval.data {ec.data!r}: no prompt fits in {room} tokens "
-                            f"(actor.max_model_len {cfg.actor.max_model_len} - {self.max_tokens} response tokens)")
+            raise DataError(f"learner.eval.data {ec.data!r}: no prompt fits in {room} tokens (context "
+                            f"{context}: actor.max_model_len or the model's, less {self.max_tokens} "
+                            "response tokens)")
         self.ks = default_ks(ec.samples)
         self._engine: Any = None
         self._pool: Any = None

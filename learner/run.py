@@ -92,7 +92,8 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     from bus.auth import server_curve
     from bus.server import Server
     from bus.weight_server import WeightServer
-    from common.data import training_prompts
+    from actors.engine import model_context_len
+    from common.data import run_context, training_data
     from common.metrics import JsonlSink, MultiSink, TensorBoardSink
     from learner import checkpoint as ckpt
     from learner.entropy import EntropyController
@@ -104,9 +105,12 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "learner_config.json")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pairs = training_prompts(cfg, tokenizer)  # every reference parsed, every prompt tokenized (or1 check-data)
-    prompts = [Prompt(p.id, ids, p.kind, p.reference, p.source) for p, ids in pairs]
-    log.info("data.loaded", problems=len(prompts), sources=sorted({p.source for p in prompts}))
+    # every reference parsed, every prompt tokenized (or1 check-data); prompts too long: counted, announced
+    data = training_data(cfg, tokenizer, model_len=model_context_len(model_path))
+    prompts = [Prompt(p.id, ids, p.kind, p.reference, p.source) for p, ids in data.pairs]
+    context = run_context(cfg, data.pairs)
+    log.info("data.loaded", problems=len(prompts), sources=sorted({p.source for p in prompts}),
+             max_prompt_tokens=data.limit.tokens, max_model_len=context)
     evaluator = None
     if lc.eval.every or lc.eval.at_start:
         from learner.evaluation import Evaluator
@@ -133,7 +137,8 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     weights_ep = f"tcp://{host}:{weights.endpoint.rsplit(':', 1)[1]}"
     publish(group, weights, scheduler.version, cfg)
     run_id = state.get("run_id") or uuid.uuid4().hex[:12]
-    service = LearnerService(cfg, scheduler, run_id=run_id, model=model_path, weights_endpoint=weights_ep)
+    service = LearnerService(cfg, scheduler, run_id=run_id, model=model_path, weights_endpoint=weights_ep,
+                             max_model_len=context)
     server = Server(f"tcp://{lc.bind_host}:{lc.control_port}", heartbeat_s=cfg.bus.heartbeat_s,
                     liveness=cfg.bus.liveness, max_message_bytes=cfg.bus.max_message_bytes, curve=curve)
     service.attach(server)
@@ -153,8 +158,10 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     try:
         if evaluator is not None and lc.eval.at_start:
             sink.write(scheduler.version, evaluator.run(group, scheduler.version))
+        first = data.metrics()  # data/* counts, with the first step's record
         while not stop.is_set() and not scheduler.done:
-            reward = train_one(cfg, group, service, controller, weights, sink, stop, pad_id)
+            reward = train_one(cfg, group, service, controller, weights, sink, stop, pad_id, first)
+            first = {}
             if reward is None:
                 break
             recent = (recent + [reward])[-lc.stop_window:]
@@ -198,9 +205,10 @@ def reached(target: float | None, recent: list[float], window: int) -> bool:
     return target is not None and len(recent) >= window and sum(recent) / len(recent) >= target
 
 
-def train_one(cfg: Config, group, service, controller, weights, sink, stop: threading.Event, pad_id: int) -> float | None:
-    """One optimizer step: batch → micro-batches → train → publish → metrics. Returns the step's
-    mean reward (all groups scored since the last step), None if stopped."""
+def train_one(cfg: Config, group, service, controller, weights, sink, stop: threading.Event, pad_id: int,
+              extra: dict[str, float] | None = None) -> float | None:
+    """One optimizer step: batch → micro-batches → train → publish → metrics (+ `extra`). Returns the
+    step's mean reward (all groups scored since the last step), None if stopped."""
     from learner.buffer import make_micro_batches, to_train_samples
 
     lc = cfg.learner
@@ -226,6 +234,7 @@ def train_one(cfg: Config, group, service, controller, weights, sink, stop: thre
     metrics.update(service.fleet_metrics())
     metrics.update(weights.metrics)  # the weights port's own counters (weights/bad_messages, ...)
     metrics.update({"learner/wait_s": wait_s, "learner/step_s": time.perf_counter() - t0, "entropy/alpha_applied": alpha})
+    metrics.update(extra or {})
     sink.write(version, metrics)
     log.info("step", version=version, reward=round(metrics.get("reward/mean", 0.0), 3),
              entropy=round(metrics.get("entropy/mean", 0.0), 4), staleness_max=metrics.get("staleness/max"),

@@ -62,11 +62,12 @@ def relay_endpoint(peer: Peer) -> str:
 
 class LearnerService:
     def __init__(self, cfg: Config, scheduler: Scheduler, *, run_id: str, model: str, weights_endpoint: str,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_model_len: int = 0):
         self.cfg = cfg
         self.scheduler = scheduler
         self.run_id = run_id
         self.model = model
+        self.max_model_len = max_model_len  # the run's context for Welcome (common.data.run_context)
         self.clock = clock
         self.lock = threading.RLock()
         self.ready = threading.Condition(self.lock)
@@ -115,7 +116,8 @@ class LearnerService:
             return Welcome(run_id=self.run_id, epoch=self.scheduler.epoch, version=self.published_version,
                            heartbeat_s=self.cfg.bus.heartbeat_s, liveness=self.cfg.bus.liveness,
                            max_staleness=self.scheduler.eta, model=self.model,
-                           weights_endpoint=self.sources.learner_endpoint, stage=self.scheduler.stage)
+                           weights_endpoint=self.sources.learner_endpoint, stage=self.scheduler.stage,
+                           max_model_len=self.max_model_len)
 
     def _refusal(self, peer: Peer) -> str:
         """Why `peer` may not join in the role it claims ("" = it may). Under CurveZMQ its key

@@ -110,7 +110,7 @@ def test_prepare_counts_per_source_and_kind(tmp_path):
 def test_learner_refuses_unless_allowed(tmp_path):
     messy = messy_file(tmp_path / "messy.jsonl")
     cfg = load_config(overrides=[f'learner.data.sources=[{{path="toy:addition"}}, {{path="{messy}"}}]',
-                                 "actor.max_model_len=200"])
+                                 "actor.max_model_len=1124"])  # 100 prompt tokens after the 1024 of the stage
     with pytest.raises(DataError, match="allow_unusable"):
         training_prompts(cfg, CharTokenizer())
     cfg.learner.data.allow_unusable = True
