@@ -33,13 +33,15 @@ Algorithm (``score_code``):
    ``defaultdict``, ``heapq``, ``inf``... without imports). The function under test and the test
    code see only names the program (or the reference's prefix) defined, so the prelude's
    ``operator.add`` never stands in for a missing ``add``.
-3. Cases run in order; the first failure decides. Each case gets ``code_timeout_s`` of wall time;
-   all of an item's runs share ``code_item_timeout_s``.
+3. Cases run in order; the first failure decides (the scorer follows the results as they arrive
+   and ends a run at its first failing case). Each case gets ``code_timeout_s`` of wall time; all
+   of an item's runs (the oracle's included) share ``code_item_timeout_s``.
 
 Trust: the sandbox runs ``rewards/harness.py`` around the program and reports only *values* over a
 pipe (``rewards/results.py`` parses them as data). The program can rewrite the harness, exit
 early, patch builtins or forge records, but it cannot see the expected values (they never enter
-its sandbox), so a forged report can only pass by carrying the right outputs.
+its sandbox), so a forged report can only pass by carrying the right outputs. The one exception is
+an assertion test's unverified remainder, whose verdict is still the sandbox's (see asserts.py).
 
 Errors: ``error`` is set when the item could not be judged; why a judged program failed goes to
 ``detail``. Error codes (the text before the first ":"), for counting per source:
