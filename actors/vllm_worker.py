@@ -79,3 +79,8 @@ class WeightFileLoader:
         reload = self.reload_weights  # type: ignore[attr-defined]  # vLLM's Worker method
         reload(weights_iterator=iter(items), is_checkpoint_format=True)
         return len(items)
+
+    def or1_dist_ident(self) -> str:
+        """This worker's VLLM_DIST_IDENT: it names the /dev/shm segments of vLLM's CPU all-reduce
+        (`<ident>-…-cpushm_<rank>`), which vLLM 0.32 may leave behind at shutdown."""
+        return os.environ.get("VLLM_DIST_IDENT", "")
