@@ -80,7 +80,8 @@ from bus import messages as M  # noqa: E402
 from bus.client import Client, RemoteError  # noqa: E402
 from bus.codec import decode, encode  # noqa: E402
 from e2e_support import (  # noqa: E402
-    REQUEUE_OUTCOMES, check_ledger, last_step, ledger, log_events, make_fleet, metrics, or1_cli, small_config,
+    REQUEUE_OUTCOMES, JsonlTail, check_ledger, last_step, ledger, log_events, make_fleet, metrics, open_leases,
+    or1_cli, small_config,
 )
 from procs import or1, stop  # noqa: E402
 
@@ -720,9 +721,18 @@ def probe_sigstop(fleet, name: str, role: str) -> Row:
     need_live(fleet)
     llog = fleet.log("learner")
     pid = fleet.procs[name].pid
-    n_events0 = len(ledger(fleet))
     base = bus_counts(fleet)
     step0 = last_step(fleet)
+    tail = JsonlTail(fleet.run_dir / "ledger.jsonl")
+    events0, holding = tail.poll(), set()
+    deadline = time.monotonic() + 30
+    while role == M.ROLE_ACTOR and time.monotonic() < deadline:  # stop it while it holds work
+        events0 = tail.poll()
+        holding = open_leases(events0, name)
+        if holding:
+            break
+        time.sleep(0.01)
+    n_events0 = len(events0)
     t_stop = time.time()
     os.killpg(pid, signal.SIGSTOP)
     try:
@@ -733,7 +743,7 @@ def probe_sigstop(fleet, name: str, role: str) -> Row:
         t_cont = time.time()
         os.killpg(pid, signal.SIGCONT)
     joined = wait_until(lambda: events_after(llog, "peer joined", t_cont, worker_id=name), 60)
-    if role == M.ROLE_ACTOR:  # the lease it was generating comes back late: give it time to arrive
+    if role == M.ROLE_ACTOR and holding:  # the lease it was generating comes back late: let it arrive
         wait_until(lambda: events_after(llog, "submit.rejected", t_cont, peer=name), 30)
     else:
         time.sleep(8)
@@ -748,9 +758,11 @@ def probe_sigstop(fleet, name: str, role: str) -> Row:
                        and e["outcome"] in REQUEUE_OUTCOMES)
         rejected = sum(1 for e in new if e["event"] == "reject" and e["lease_id"] in closed)
         accepted_late = sum(1 for e in new if e["event"] == "accept" and e["lease_id"] in closed)
-        work = f"{requeued} prompts of {len(closed)} leases requeued (ledger: actor_dead)"
+        ended = {e["lease_id"] for e in new if e["event"] == "lease_end"}
+        work = (f"held {len(holding)} leases at the stop; {requeued} prompts of {len(closed)} leases "
+                f"requeued (ledger: actor_dead)")
         late = f"its late submit refused: {rejected} groups rejected, {accepted_late} accepted"
-        work_ok = bool(closed) and accepted_late == 0
+        work_ok = bool(holding) and holding <= ended and accepted_late == 0
     else:
         gone = events_after(llog, "reward.gone", t_stop, peer=name)
         d_late = bus_counts(fleet).get("bus/late_results", 0) - base.get("bus/late_results", 0)
