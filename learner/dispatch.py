@@ -127,12 +127,15 @@ class ScoreDispatcher:
         return n
 
     def tick(self, now: float) -> None:
-        """Requeue requests older than timeout_s (a worker alive but stuck)."""
+        """Requeue requests older than timeout_s (a worker alive but stuck, or one that takes work and
+        never answers): the unit then prefers another worker, as after a bad result."""
         for rid in [rid for rid, o in self._out.items() if now - o.sent_at > self.timeout_s]:
-            w = self._workers.get(self._out[rid].worker_id)
+            out = self._out[rid]
+            out.unit.refused_by.add(out.worker_id)
+            w = self._workers.get(out.worker_id)
             if w is not None:
                 w.outstanding.discard(rid)
-            self._requeue(rid)
+            self._requeue(rid, f"no answer from {out.worker_id} within {self.timeout_s:.0f} s")
         self._pump(now)
 
     # --- views --------------------------------------------------------------------------------

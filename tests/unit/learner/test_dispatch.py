@@ -105,3 +105,16 @@ def test_a_unit_nobody_scores_fails_instead_of_scoring_zero():
     for t in (1.0, 2.0):
         h.d.result("w", ScoreResult(h.last("w").request_id, good(1)), t)
     assert h.results == {} and list(h.failed) == ["g1"] and "unscored" in h.failed["g1"]
+
+
+def test_a_unit_a_worker_sat_on_goes_to_another_worker():
+    """A peer that takes work and never answers (it announced many credits) loses the unit at the
+    timeout, and the unit is not handed back to it while another worker can take it."""
+    h = Harness(timeout_s=10.0)
+    h.d.ready("hoarder", 1000, 0.0)
+    h.d.submit("g1", ITEMS, 0.0)
+    h.d.ready("honest", 3, 1.0)
+    assert [w for w, _ in h.sent] == ["hoarder"]
+    h.d.tick(11.0)
+    assert [w for w, _ in h.sent] == ["hoarder", "honest"]
+    assert h.d.result("honest", ScoreResult(h.last("honest").request_id, good()), 12.0)
