@@ -118,9 +118,9 @@ def run(cfg: Config, log_format: str = "auto") -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
 
-    from bus import shm
+    from bus.weights import shm
     from bus.auth import client_curve, server_curve
-    from bus.weight_server import WeightServer
+    from bus.weights.server import WeightServer
 
     curve = client_curve(cfg.bus.curve_dir, ROLE_ACTOR, cfg.bus.client_key)
     relay = WeightServer(a.relay_bind, max_message_bytes=cfg.bus.max_message_bytes,

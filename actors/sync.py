@@ -9,7 +9,7 @@ the transfer (docs/weights.md#pulls-and-failover: the actor keeps generating wit
 A stalled or failed transfer is retried from another source; the old weights stay in use.
 
 On one host (``bus.shared_memory``): a source on this actor's host hands the version over as a
-``/dev/shm`` file that is mapped, not pulled (``bus.shm``); a relay keeps what it receives there, and
+``/dev/shm`` file that is mapped, not pulled (``bus.weights.shm``); a relay keeps what it receives there, and
 re-offers a mapped version to its own same-host children.
 """
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from bus.address import hint, resolve_advertised
 from bus.client import Client, RemoteError
 from bus.messages import SOURCE_LEARNER, WeightSource
-from bus.weight_pull import attach_shared, fetch_manifest, pull
-from bus.weight_server import WeightServer
-from bus.weights import PartialStore, WeightStore
+from bus.weights.pull import attach_shared, fetch_manifest, pull
+from bus.weights.server import WeightServer
+from bus.weights.store import PartialStore, WeightStore
 from common.config import BusConfig
 from common.log import get_logger
 

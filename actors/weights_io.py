@@ -34,8 +34,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from bus.shm import SharedBuffer
-    from bus.weights import WeightStore
+    from bus.weights.shm import SharedBuffer
+    from bus.weights.store import WeightStore
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -105,7 +105,7 @@ def write_weight_file(items: list[tuple[str, "torch.Tensor"]]) -> WeightFile:
 
     import torch
 
-    from bus import shm
+    from bus.weights import shm
 
     metas, offset = [], 0
     for name, t in items:

@@ -18,7 +18,7 @@
    median), timed from the learner's "go" to the last actor holding the verified version.
    The actors share one host and the learner is elsewhere (its store is private memory, reached
    over TCP), as on a GPU node of N actors: the first (started with --relay-bind) pulls into
-   shared memory, the others map its copy (bus/shm.py). N = 1, 2, 4, vs N = 1. Goal ≤ 1.3.
+   shared memory, the others map its copy (bus/weights/shm.py). N = 1, 2, 4, vs N = 1. Goal ≤ 1.3.
    bcast_tcp_4_vs_1: the same with shared memory off and each puller standing for a node of its
    own: a relay tree over TCP (the learner serves ≤ relay_fanout = 2, the others pull from those,
    which relay each chunk as soon as they have it). On this 2-core host that layout is bound by
@@ -117,7 +117,7 @@ def bench_load(engine, model: str, rounds: int = 3) -> float:
     from transformers import AutoModelForCausalLM
 
     from actors.weights_io import named_tensors, state_dict_arrays
-    from bus.weights import WeightStore
+    from bus.weights.store import WeightStore
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     times = []
@@ -139,9 +139,9 @@ def _puller(conn, source: str, relay: bool, shared: bool) -> None:  # a child pr
     import logging
 
     logging.disable(logging.WARNING)
-    from bus.weight_pull import fetch_manifest, pull
-    from bus.weight_server import WeightServer
-    from bus.weights import PartialStore
+    from bus.weights.pull import fetch_manifest, pull
+    from bus.weights.server import WeightServer
+    from bus.weights.store import PartialStore
 
     server = WeightServer("tcp://127.0.0.1:0", name="relay") if relay else None
     conn.send(server.endpoint if server else "")
@@ -225,8 +225,8 @@ def bench_broadcast(megabytes: int, rounds: int) -> dict[str, dict[int, float]]:
     (first buffers, connections) that is reported apart as "<layout>_cold"."""
     import dataclasses
 
-    from bus.weight_server import WeightServer
-    from bus.weights import WeightStore
+    from bus.weights.server import WeightServer
+    from bus.weights.store import WeightStore
 
     rng = np.random.default_rng(0)
     per_tensor = (megabytes << 20) // 4 // 16

@@ -53,9 +53,9 @@ from bus.messages import (  # noqa: E402
     Submit,
 )
 from bus.server import Server  # noqa: E402
-from bus.weight_pull import pull  # noqa: E402
-from bus.weight_server import WeightServer  # noqa: E402
-from bus.weights import WeightStore  # noqa: E402
+from bus.weights.pull import pull  # noqa: E402
+from bus.weights.server import WeightServer  # noqa: E402
+from bus.weights.store import WeightStore  # noqa: E402
 
 ROUNDS = 40  # interleaved rounds of ours and raw; each figure keeps the best (quietest) round of each
 

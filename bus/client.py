@@ -10,7 +10,9 @@ generation. Whoever pumps a reply that belongs to another thread marks that wait
 writes a byte to a wake-up pipe the waiting callers also poll. User callables (``hello()``,
 ``stats()``, ``on_welcome``) run on the I/O thread and never under the lock.
 
-The socket and the session state machine (hello, heartbeat, reconnect) are ``bus.session``.
+The socket and the session state machine (hello, heartbeat, reconnect) are ``bus.session``; the
+client is its ``SessionHost`` (the public methods under "session host" below), the one interface
+between the two.
 """
 
 from __future__ import annotations
@@ -126,7 +128,6 @@ class Client:
         self.session = secrets.token_hex(8)  # sent in every Hello: a reconnect is told apart from an impostor
         self._problem_fn = problem
         self._health = HealthFile(health_file) if health_file else None
-        self._curve = curve
         self._ctx = zmq.Context(io_threads=1)
         self._lock = threading.Lock()
         self._rids = itertools.count(1)
@@ -139,7 +140,7 @@ class Client:
         self._dlv_r, self._dlv_w = pipe()  # wakes callers whose reply another thread pumped
         self._fd_waiters = 0
         self._last_wait = 0.0  # when a caller last stopped waiting on the socket
-        self._s = Session(self)
+        self._s = Session(self, self._ctx, curve)
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -249,7 +250,21 @@ class Client:
                 self._fd_waiters -= 1
                 self._last_wait = time.monotonic()
 
-    def _deliver(self, rid: int, msg: Message) -> bool:
+    # --- session host (bus.session.SessionHost: called by the session under the lock) -----------
+
+    def next_rid(self) -> int:
+        return next(self._rids)
+
+    def is_pending(self, rid: int) -> bool:
+        return rid in self._pending
+
+    def push(self, msg: Message) -> None:
+        self._inbox.put(msg)
+
+    def wake(self) -> None:
+        poke(self._wake_w)
+
+    def deliver(self, rid: int, msg: Message) -> bool:
         """Under the lock: hand a reply to its waiter (False: nobody waits, e.g. it timed out)."""
         waiter = self._pending.pop(rid, None)
         if waiter is None:
@@ -260,7 +275,7 @@ class Client:
             poke(self._dlv_w)  # it may be asleep in select on the socket we just drained
         return True
 
-    def _disconnect(self, rid: int) -> None:
+    def disconnected(self, rid: int) -> None:
         """Under the lock: the session carrying request `rid` is gone; its caller gets Disconnected."""
         waiter = self._pending.pop(rid, None)
         if waiter is None:
@@ -270,9 +285,10 @@ class Client:
         if waiter.thread != threading.get_ident():
             poke(self._dlv_w)
 
-    def _refused(self, error: Error) -> None:
+    def refused(self, error: Error) -> None:
         """Under the lock: the server answered our Hello with `error`; ``connect`` raises it."""
         self._fatal = RemoteError(error.code, error.message)
+        self._welcomed.set()
 
     # --- I/O thread --------------------------------------------------------------------------
 

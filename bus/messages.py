@@ -201,7 +201,7 @@ class Hello(Message):
     role: Id
     worker_id: Id
     host: Id = ""  # hostname, for people (status, logs); never used to decide anything
-    host_id: Id = ""  # ``bus.shm.host_id()``: same value = same host and /dev/shm (shared-memory weights)
+    host_id: Id = ""  # ``bus.weights.shm.host_id()``: same value = same host and /dev/shm (shared-memory weights)
     capacity: int = 1
     weight_version: int = -1
     relay_endpoint: Endpoint = ""
@@ -392,7 +392,7 @@ class Chunk(Message):
 @dataclass
 class GetShared(Message):
     """Request (puller → weights ROUTER on the same host): map `version` (-1 = latest) from shared
-    memory instead of pulling its chunks. `host` is the puller's ``bus.shm.host_id()``. Answered
+    memory instead of pulling its chunks. `host` is the puller's ``bus.weights.shm.host_id()``. Answered
     with Shared once the source holds the whole version (a relay still receiving answers when it
     has the last chunk), or at once with Error(not_found) when the host differs or the version is
     not in shared memory: the puller then pulls chunks as usual."""

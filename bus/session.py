@@ -1,7 +1,10 @@
 """The client's DEALER socket and session state machine (``Session``), and its wake-up pipes.
 
-Every ``Session`` method runs under the owning ``bus.client.Client``'s lock; the session reads and
-updates the client's shared state (pending waiters, inbox, metrics, server version) directly.
+Every ``Session`` method runs under the owning client's lock. What the session needs from its
+client is the ``SessionHost`` protocol below, and nothing else: the settings and server state it
+reads and updates (endpoint, heartbeat and liveness, metrics, the last Welcome and version) and the
+calls that hand results back (``deliver`` a reply, ``disconnected``, ``refused``, ``push`` an
+unsolicited message, ``wake`` the I/O thread). ``bus.client.Client`` is the one implementation.
 ``pump`` reads the socket to empty (ZMQ_FD is edge-triggered), at most ``_PUMP_BUDGET`` messages
 per call so one flood cannot hold the lock forever.
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 import os
 import select
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 
@@ -50,7 +53,7 @@ from bus.server import EVENTS, NOBLOCK, POLLIN, configure_socket, recv_frames, s
 from common.log import get_logger
 
 if TYPE_CHECKING:
-    from bus.client import Client
+    from bus.auth import CurveConfig
 
 log = get_logger(component="bus.client")  # the client's session: its lines stay under bus.client
 _BYE_LINGER_MS = 500  # the one place we linger: give a Bye a moment to leave so leases return at once
@@ -91,11 +94,54 @@ def wait_readable(fds: list[int], timeout: float) -> None:
 
 
 
+class SessionHost(Protocol):
+    """The client as its session sees it (all called under the client's lock)."""
+
+    endpoint: str
+    max_message_bytes: int
+    heartbeat_s: float  # replaced by the Welcome's
+    liveness: int  # replaced by the Welcome's
+    metrics: dict[str, float]  # bus/* counters
+    welcome: Welcome | None  # the last Welcome
+    reconnects: int
+    server_version: int  # from the last Welcome or heartbeat reply
+    server_max_staleness: int
+
+    def next_rid(self) -> int:
+        """A request id not used before (Hello's included)."""
+        ...
+
+    def is_pending(self, rid: int) -> bool:
+        """Whether a caller still waits for the reply to `rid`."""
+        ...
+
+    def deliver(self, rid: int, msg: Message) -> bool:
+        """Hand a reply to its waiter (False: nobody waits, e.g. it timed out)."""
+        ...
+
+    def disconnected(self, rid: int) -> None:
+        """The session carrying request `rid` is gone: its caller gets Disconnected."""
+        ...
+
+    def refused(self, error: Error) -> None:
+        """The server answered our Hello with `error` (final): ``connect`` raises it."""
+        ...
+
+    def push(self, msg: Message) -> None:
+        """An unsolicited message for ``recv``."""
+        ...
+
+    def wake(self) -> None:
+        """Wake the I/O thread (callbacks to run, timers changed)."""
+        ...
+
+
 class Session:
     """Socket and session state; every method runs under the client's lock."""
 
-    def __init__(self, client: "Client"):
+    def __init__(self, client: SessionHost, ctx: zmq.Context, curve: "CurveConfig | None" = None):
         self.c = client
+        self.ctx, self.curve = ctx, curve
         self.sock: zmq.Socket | None = None
         self.fd: int | None = None
         self.running = True
@@ -126,12 +172,12 @@ class Session:
 
     def open(self) -> None:
         c = self.c
-        sock = c._ctx.socket(zmq.DEALER)
+        sock = self.ctx.socket(zmq.DEALER)
         configure_socket(sock, c.max_message_bytes)
-        if c._curve is not None:
+        if self.curve is not None:
             from bus.auth import apply_client
 
-            apply_client(sock, c._curve)
+            apply_client(sock, self.curve)
         sock.connect(c.endpoint)
         self.sock, self.fd = sock, sock.getsockopt(zmq.FD)
         self.reopen_at = None
@@ -179,7 +225,7 @@ class Session:
             self.open()
         if self.need_hello and hello is not None:
             self.need_hello = False
-            self.hello_rid = next(self.c._rids)
+            self.hello_rid = self.c.next_rid()
             self.hello_sent = now
             self.raw_send(encode(hello, self.hello_rid))
         if now - self.last_heard > self.c.liveness * self.c.heartbeat_s:
@@ -187,7 +233,7 @@ class Session:
             # Requests sent on this session will never be answered (a restarted server never saw them):
             # fail them now so callers retry at once instead of sitting out their whole timeout.
             for rid in list(self.inflight):
-                self.c._disconnect(rid)
+                self.c.disconnected(rid)
             self.inflight = {}
             self.shutdown_socket(None)
             self.reopen_at = now + self.backoff
@@ -196,7 +242,7 @@ class Session:
         if beat is not None and self.ready:
             self.next_hb = now + self.c.heartbeat_s
             self.raw_send(encode(beat))
-            self.inflight = {r: f for r, f in self.inflight.items() if r in self.c._pending}
+            self.inflight = {r: f for r, f in self.inflight.items() if self.c.is_pending(r)}
 
     # --- input (any thread)
 
@@ -215,7 +261,7 @@ class Session:
                 log.warning("bad message from server", reason=str(e))
                 continue
             self.on_message(msg, rid)
-        poke(self.c._wake_w)  # budget spent: let the I/O thread continue
+        self.c.wake()  # budget spent: let the I/O thread continue
 
     def on_message(self, msg: Message, rid: int) -> None:
         c = self.c
@@ -232,28 +278,27 @@ class Session:
             if self.ready or (not self.need_hello and time.monotonic() - self.hello_sent > c.heartbeat_s):
                 log.info("server does not know us: saying Hello again", endpoint=c.endpoint)
                 self.ready, self.need_hello = False, True
-                poke(c._wake_w)
+                c.wake()
         elif isinstance(msg, Error) and rid == self.hello_rid and msg.code == ERR_ID_IN_USE:
             # our worker id is still held by a session the server has not declared dead yet (we
             # restarted quickly): say Hello again once it must have been
             log.warning("worker id in use: hello again later", endpoint=c.endpoint, message=msg.message)
             self.need_hello = True
             self.hello_retry_at = time.monotonic() + c.liveness * c.heartbeat_s
-            poke(c._wake_w)
+            c.wake()
         elif isinstance(msg, Error) and rid == self.hello_rid:
-            c._refused(msg)
+            c.refused(msg)
             log.error("hello refused", code=msg.code, message=msg.message)
             self.running = False
-            c._welcomed.set()
-            poke(c._wake_w)
+            c.wake()
         elif rid:
             self.inflight.pop(rid, None)
-            c._deliver(rid, msg)  # False: a late reply to a request that timed out
+            c.deliver(rid, msg)  # False: a late reply to a request that timed out
         elif isinstance(msg, Error):
             c.metrics["bus/errors"] += 1
             log.warning("server error", code=msg.code, message=msg.message)
         else:
-            c._inbox.put(msg)
+            c.push(msg)
 
     def on_welcome(self, w: Welcome) -> None:
         c = self.c
@@ -273,7 +318,7 @@ class Session:
         self.next_hb = time.monotonic() + c.heartbeat_s
         held, self.held = self.held, []
         for rid, frames in held:
-            if rid == 0 or rid in c._pending:
+            if rid == 0 or c.is_pending(rid):
                 self.submit(rid, frames)
         self.welcomes.append(w)
-        poke(c._wake_w)  # the I/O thread runs the callbacks, then releases connect()
+        c.wake()  # the I/O thread runs the callbacks, then releases connect()

@@ -37,7 +37,7 @@ class BusConfig(Section):
     shared_memory: bool = True
     """Weight versions live in /dev/shm, and an actor on the host of its source (learner or relay)
     maps the source's copy instead of pulling it: one transfer and one copy in memory per node.
-    A source also keeps the next version's buffer allocated in advance (see bus/shm.py)."""
+    A source also keeps the next version's buffer allocated in advance (see bus/weights/shm.py)."""
     keep_frame_memory: bool = True
     """Learner and actors fix glibc's malloc thresholds (mmap 32 MB, trim 64 MB) at start, so the
     buffers of large received frames (weight chunks, trajectories) stay mapped instead of being

@@ -91,7 +91,7 @@ def _serve_and_train(cfg: Config, model_path: str, group) -> int:
     from bus.address import learner_advertise_host, reachable_host
     from bus.auth import server_curve
     from bus.server import Server
-    from bus.weight_server import WeightServer
+    from bus.weights.server import WeightServer
     from actors.engine import model_context_len
     from common.data import run_context, training_data
     from common.metrics import JsonlSink, MultiSink, TensorBoardSink
@@ -248,7 +248,7 @@ def publish(group, weights, version: int, cfg: Config) -> None:
     embedding's name: both engines take a tied model's store without the head and re-tie it
     (actors/weights_io.check_named), and at Qwen2.5-0.5B's shape the alias is 22 % of the bytes
     (272 MB of 1.26 GB in bf16) that every version would copy, checksum, send and hold twice."""
-    from bus.weights import WeightStore
+    from bus.weights.store import WeightStore
 
     exported = unique_arrays(group.export_weights(cfg.learner.trainer.weights_dtype))
     store = WeightStore.from_arrays(version, [(n, a) for n, a, _ in exported], chunk_bytes=cfg.bus.chunk_bytes,

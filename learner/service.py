@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bus import shm
+from bus.weights import shm
 from bus.address import fill_peer_host
 from bus.auth import key_role
 from learner.dispatch import ScoreDispatcher

@@ -13,7 +13,7 @@ pull that version (versions may come faster than heartbeats).
 Same host first (``shared``, i.e. ``bus.shared_memory``): a requester on the learner's host is sent
 to the learner, and one on a relay's host to that relay (one holding the version before one still
 receiving it), whatever their load: a same-host source hands the version over as a shared-memory
-file (``bus.shm``), so no bytes cross the network and a node of N actors costs one transfer.
+file (``bus.weights.shm``), so no bytes cross the network and a node of N actors costs one transfer.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class RelayView:
     endpoint: str
     have_version: int  # newest complete version it can serve
     receiving_version: int  # version it is pulling now (-1 = none)
-    host: str = ""  # its Hello's host_id (bus.shm.host_id; "" = unknown: never treated as same-host)
+    host: str = ""  # its Hello's host_id (bus.weights.shm.host_id; "" = unknown: never treated as same-host)
 
 
 class WeightSources:
@@ -50,7 +50,7 @@ class WeightSources:
         self._since: dict[str, float] = {}  # child -> when it was last assigned
 
     def choose(self, version: int, requester: str, relays: list[RelayView], host: str = "") -> tuple[str, str]:
-        """(endpoint, source_id) for `requester` (on host `host`, a ``bus.shm.host_id()``) to pull `version` from."""
+        """(endpoint, source_id) for `requester` (on host `host`, a ``bus.weights.shm.host_id()``) to pull `version` from."""
         now = self.clock()
         for child in [c for c, t in self._since.items() if now - t > self.ttl_s]:
             self._forget_child(child)

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from bus.weight_pull import fetch_manifest, pull
-from bus.weight_server import WeightServer
-from bus.weights import PartialStore, WeightStore
+from bus.weights.pull import fetch_manifest, pull
+from bus.weights.server import WeightServer
+from bus.weights.store import PartialStore, WeightStore
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from bus.messages import (
     ROLE_ACTOR, ROLE_ADMIN, WAIT_ADMISSION, WAIT_DONE, Group, Hello, Lease, LeaseRequest, Sample, Set, SetReply,
     Status, StatusReply, Submit, SubmitAck, Wait, WeightSource,
 )
-from bus.weight_pull import pull
+from bus.weights.pull import pull
 from common.config import load_config, save_config
 from procs import free_port, or1, stop, wait_for
 
@@ -130,7 +130,7 @@ def test_curve_learner_refuses_unknown_key(tmp_path, tiny_model_dir):
     """With bus.curve_dir set, an actor holding a listed key is welcomed; one with a key the learner
     does not list never gets an answer; `or1 status` with the admin key works."""
     from bus.auth import client_curve, make_keys, make_layout
-    from bus.weight_pull import fetch_manifest
+    from bus.weights.pull import fetch_manifest
     from procs import ROOT
 
     keys = tmp_path / "keys"

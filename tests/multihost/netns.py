@@ -14,7 +14,7 @@ hostname and /etc/hosts, as separate nodes look to or1.
 - `cut(host)` / `heal(host)` take the host's switch port down and up: this kernel has no
   `tc netem`, and a link down drops every packet both ways, as a pulled cable would.
 - /dev/shm is the machine's, shared by all hosts; or1 tells hosts apart by network namespace
-  (bus/shm.host_id), so no weights travel through it between these hosts.
+  (bus/weights/shm.host_id), so no weights travel through it between these hosts.
 
 Traffic stays inside these namespaces: the bridge is not connected to the machine's network.
 """

@@ -10,7 +10,7 @@ import torch
 from actors.hf_engine import HFEngine
 from actors.weights_io import named_tensors, state_dict_arrays
 from bus.messages import SamplingSpec
-from bus.weights import WeightStore
+from bus.weights.store import WeightStore
 
 GREEDY = SamplingSpec(n=1, temperature=0.0, max_tokens=8)
 

@@ -21,7 +21,7 @@ import pytest
 from actors.engine import vllm_available
 from actors.weights_io import named_tensors, state_dict_arrays
 from bus.messages import SamplingSpec
-from bus.weights import WeightStore
+from bus.weights.store import WeightStore
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")]
 

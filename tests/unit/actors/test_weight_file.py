@@ -12,7 +12,7 @@ import torch
 from actors.vllm_engine import _open_same
 from actors.vllm_worker import FileChanged, WeightFileLoader, file_tensors, map_file
 from actors.weights_io import named_tensors, state_dict_arrays, weight_file, write_weight_file
-from bus.weights import WeightStore
+from bus.weights.store import WeightStore
 
 
 def tensors() -> dict[str, torch.Tensor]:

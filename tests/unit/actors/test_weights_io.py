@@ -8,7 +8,7 @@ import torch
 
 from actors.weights_io import check_named, expected_shapes, folder_dtype, named_tensors, state_dict_arrays
 from bus.codec import BFloat16Array
-from bus.weights import WeightStore
+from bus.weights.store import WeightStore
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from bus import messages as M
 from bus.auth import CurveConfig, make_keys, make_layout
 from bus.client import Client
 from bus.server import Server
-from bus.weight_pull import pull
-from bus.weight_server import WeightServer
-from bus.weights import WeightStore
+from bus.weights.pull import pull
+from bus.weights.server import WeightServer
+from bus.weights.store import WeightStore
 
 
 def hello(worker: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bus.weights import WeightStore
+from bus.weights.store import WeightStore
 from common.config import load_config
 from learner.run import publish, unique_arrays
 

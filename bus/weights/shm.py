@@ -2,7 +2,7 @@
 
 A weight source (the learner, a relay actor) may keep a version's flat buffer in a file under
 ``/dev/shm`` (tmpfs). A puller on the same host then asks for it (``GetShared`` → ``Shared``, see
-``bus.weight_server``) and maps the file read-only instead of receiving every chunk over TCP: a
+``bus.weights.server``) and maps the file read-only instead of receiving every chunk over TCP: a
 version reaches N actors of one node at the cost of one transfer, and the node's memory holds one
 copy of it instead of N.
 

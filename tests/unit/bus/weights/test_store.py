@@ -1,4 +1,4 @@
-"""bus.weights, bus.crc, bus.weight_server, bus.weight_pull: store layout and checksums, partial stores,
+"""bus.weights.store, bus.weights.crc, bus.weights.server, bus.weights.pull: store layout and checksums, partial stores,
 WeightServer + pull over tcp loopback."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import zmq
 
 from bus import messages as M
 from bus.codec import as_bfloat16, decode, encode
-from bus.crc import combine_chunks, crc32_combine
-from bus.weight_pull import fetch_manifest, pull
-from bus.weight_server import WeightServer
-from bus.weights import PartialStore, WeightStore, check_manifest
+from bus.weights.crc import combine_chunks, crc32_combine
+from bus.weights.pull import fetch_manifest, pull
+from bus.weights.server import WeightServer
+from bus.weights.store import PartialStore, WeightStore, check_manifest
 
 
 def make_store(version: int = 1, chunk_bytes: int = 64 << 10, mb: float = 1.0, seed: int = 0) -> WeightStore:
@@ -53,7 +53,7 @@ def test_crc32_combine_matches_zlib_on_random_splits() -> None:
 
 
 def test_fast_crc_is_zlibs_crc32() -> None:
-    from bus.crc import crc32
+    from bus.weights.crc import crc32
 
     data = np.random.default_rng(3).integers(0, 256, (1 << 20) + 7, dtype=np.uint8)
     assert crc32(data) == zlib.crc32(data) and crc32(data[5:], 77) == zlib.crc32(data[5:], 77)
@@ -265,7 +265,7 @@ def test_weights_port_answers_bad_and_unexpected_messages(wserver: WeightServer)
 
 
 def test_copy_crc_copies_and_checksums_in_blocks() -> None:
-    from bus.crc import COPY_BLOCK, copy_crc
+    from bus.weights.crc import COPY_BLOCK, copy_crc
 
     rng = np.random.default_rng(3)
     for n in (0, 1, COPY_BLOCK - 1, COPY_BLOCK, 3 * COPY_BLOCK + 17):

@@ -7,7 +7,7 @@ partial's listener wakes the server thread through its outbox), so a relay serve
 as it has it. Dropping a version answers the requests parked on it with Error(not_found). Chunks
 leave as zero-copy frames of the store buffer.
 
-GetShared (``bus.shm``): a store whose buffer lives in ``/dev/shm`` is offered to pullers of the
+GetShared (``bus.weights.shm``): a store whose buffer lives in ``/dev/shm`` is offered to pullers of the
 same host as its file (Shared), so they map it instead of pulling it; a partial answers once it is
 complete. Anyone else — another host, a private buffer — gets Error(not_found) at once and pulls
 chunks. Dropping a version the server's process owns in shared memory unlinks its file (mappings
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zmq
 
-from bus import shm
+from bus.weights import shm
 from bus.codec import decode, encode
 from bus.messages import (
     ERR_BAD_MESSAGE,
@@ -40,13 +40,13 @@ from bus.messages import (
     Shared,
 )
 from bus.server import NOBLOCK, Outbox, bind_endpoint, bound_endpoint, configure_socket, recv_ready, send_frames
-from bus.weights import PartialStore, WeightStore
+from bus.weights.store import PartialStore, WeightStore
 from common.log import get_logger
 
 if TYPE_CHECKING:
     from bus.auth import CurveConfig
 
-log = get_logger(component="bus.weights")  # one log component for the whole weight transfer
+log = get_logger(component="bus.weights.store")  # one log component for the whole weight transfer
 
 
 class WeightServer:

@@ -8,7 +8,7 @@ next endpoint (or the same one again) continues with the chunks still missing. M
 destination (the partial's buffer) and checked there, on a verifier thread, so the receiving
 thread keeps the pipe full meanwhile.
 
-Same host (``bus.shm``): unless told not to (``shared=False``, or a ``partial`` to fill), ``pull``
+Same host (``bus.weights.shm``): unless told not to (``shared=False``, or a ``partial`` to fill), ``pull``
 first asks the source, on the connection it then pulls chunks over, for the version in shared
 memory (GetShared). A source on this host that keeps it in ``/dev/shm`` answers with the file,
 which is mapped read-only: no bytes move. Any other answer (another host, a private buffer, a file
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
-from bus import shm
+from bus.weights import shm
 from bus.codec import decode, encode
 from bus.messages import (
     CHUNK_TIMEOUT_S,
@@ -47,13 +47,13 @@ from bus.messages import (
     Shared,
 )
 from bus.server import NOBLOCK, configure_socket, recv_frames, send_frames
-from bus.weights import PartialStore, WeightStore, check_manifest
+from bus.weights.store import PartialStore, WeightStore, check_manifest
 from common.log import get_logger
 
 if TYPE_CHECKING:
     from bus.auth import CurveConfig
 
-log = get_logger(component="bus.weights")  # one log component for the whole weight transfer
+log = get_logger(component="bus.weights.store")  # one log component for the whole weight transfer
 
 Source = "str | Callable[[], str]"
 

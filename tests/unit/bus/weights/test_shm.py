@@ -1,4 +1,4 @@
-"""bus.shm and the shared-memory path of the weight transfer: a same-host puller maps the source's
+"""bus.weights.shm and the shared-memory path of the weight transfer: a same-host puller maps the source's
 /dev/shm file instead of pulling chunks; every other case falls back to chunks over TCP."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import zmq
 
 from bus import messages as M
-from bus import shm
+from bus.weights import shm
 from bus.codec import decode, encode
-from bus.weight_pull import attach_shared, fetch_manifest, pull
-from bus.weight_server import WeightServer
-from bus.weights import PartialStore, WeightStore
+from bus.weights.pull import attach_shared, fetch_manifest, pull
+from bus.weights.server import WeightServer
+from bus.weights.store import PartialStore, WeightStore
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
 
@@ -181,7 +181,7 @@ def test_relay_answers_get_shared_when_its_partial_completes() -> None:
 
 
 def _child_pull(endpoint: str, conn) -> None:
-    from bus.weight_pull import pull
+    from bus.weights.pull import pull
 
     store, stats = pull(endpoint, -1)
     conn.send((stats["weights/shared"], store.verify(), int(store.buffer[: 1 << 16].sum())))

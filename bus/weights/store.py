@@ -5,7 +5,7 @@ offset of one contiguous uint8 buffer (padding zeroed). The buffer is cut into `
 chunks (the last one shorter); the Manifest lists the tensors (name, dtype tag, shape, offset,
 nbytes), the crc32 of every chunk and the crc32 of the whole buffer.
 
-Checksums (``bus.crc``): CRC-32 per chunk; the whole-buffer crc32 is not a second pass over the
+Checksums (``bus.weights.crc``): CRC-32 per chunk; the whole-buffer crc32 is not a second pass over the
 bytes but ``crc32_combine`` of the chunk crcs. A ``PartialStore`` (a version being received, e.g.
 by a puller or a relay) takes each chunk's crc on its own destination buffer after copying the
 frame in, so the combined value is exactly the crc32 of the buffer it will load, checked against
@@ -13,12 +13,12 @@ the manifest's in ``to_store`` (a shared-memory partial checks the frame, then w
 ``check_manifest`` rejects an inconsistent manifest with ValueError, so a bad source cannot crash a
 puller.
 
-Shared memory (``bus.shm``): with ``shared=True`` a store's (or a partial's) buffer is a file in
+Shared memory (``bus.weights.shm``): with ``shared=True`` a store's (or a partial's) buffer is a file in
 ``/dev/shm`` that same-host pullers map instead of pulling (``GetShared``); when tmpfs cannot hold
 it the buffer is private memory, as without the flag. ``WeightStore.shared`` is that file
 (owned, or attached from another process), or None.
 
-Serving these stores is ``bus.weight_server``; pulling them is ``bus.weight_pull``.
+Serving these stores is ``bus.weights.server``; pulling them is ``bus.weights.pull``.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bus import shm
+from bus.weights import shm
 from bus.codec import dtype_name, numpy_dtype
-from bus.crc import combine_chunks, copy_crc, crc32
+from bus.weights.crc import combine_chunks, copy_crc, crc32
 from bus.messages import ALLOWED_DTYPES, CHUNK_BYTES, Manifest, TensorMeta
 from common.log import get_logger
 
-log = get_logger(component="bus.weights")
+log = get_logger(component="bus.weights.store")
 
 ALIGN = 64
 
