@@ -2,17 +2,16 @@
 
 Group path (driven by `learner/scheduler.py`, which owns the admission accounting):
 
-1. A scored group is classified by its rewards: all equal -> zero advantage, dropped before
-   batching (`filter/zero_adv_all_correct` when every sample has reward >= SOLVED_REWARD, else
-   `filter/zero_adv_all_wrong`); otherwise it is buffered. With `loss.keep_zero_advantage` (systems
-   benchmarks of untrained models only) a zero-advantage group is counted the same way, plus
+1. A scored group is classified by its rewards (`learner/advantage.py` `classify`): all equal ->
+   zero advantage, dropped before batching (`filter/zero_adv_all_correct` when every sample has
+   reward >= SOLVED_REWARD, else `filter/zero_adv_all_wrong`); otherwise it is buffered. With
+   `loss.keep_zero_advantage` (systems benchmarks of untrained models only) a zero-advantage group is counted the same way, plus
    `filter/zero_adv_kept`, and buffered too: it trains with advantage 0 (only the entropy term acts).
-2. `GroupBuffer.purge_stale(v, eta)` removes every buffered group with staleness v - w > eta (never
-   trained; the scheduler requeues the prompt), then `take(B)` hands out B groups, the oldest
+2. `GroupBuffer.purge_stale(v, eta)` removes every buffered group no longer admissible at v
+   (`learner/staleness.py`: staleness v - w > eta; never trained, the scheduler requeues the prompt), then `take(B)` hands out B groups, the oldest
    weights first, so the groups closest to the staleness bound are trained before they cross it.
 3. `to_train_samples` turns groups into per-sample records with group-normalised advantages
-   A_i = (r_i - mean) / (std + 1e-6) (unbiased std; `learner/loss.py:group_advantages` is the
-   same formula in torch), and `make_micro_batches` packs them for the ranks.
+   (`learner/advantage.py` `group_advantages`), and `make_micro_batches` packs them for the ranks.
 
 Micro-batch packing: samples (prompt + response tokens) are sorted by length, longest first, and
 dealt to ranks longest-processing-time first (each goes to the rank with the fewest tokens so far),
@@ -32,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from bus.messages import FINISH_LENGTH, Sample
+from learner.advantage import USEFUL, classify, group_advantages
+from learner.staleness import admissible, staleness
 
-SOLVED_REWARD = 1.0  # a sample with reward >= this counts as solved (pass rate, all-correct filter)
 KEPT_ZERO_ADV = "zero_adv_kept"  # GroupBuffer.add: a zero-advantage group buffered (keep_zero_advantage)
-ADV_EPS = 1e-6
 
 
 @dataclass
@@ -51,27 +50,9 @@ class ScoredGroup:
     rewards: np.ndarray  # float32 [n]
 
 
-def group_advantages_np(rewards: np.ndarray) -> np.ndarray:
-    """Advantages of one group [n] (or of groups [G, n]): (r - mean) / (std + 1e-6), unbiased std."""
-    r = np.asarray(rewards, dtype=np.float64)
-    if r.shape[-1] < 2:
-        return np.zeros(r.shape, dtype=np.float32)
-    mean = r.mean(axis=-1, keepdims=True)
-    std = r.std(axis=-1, ddof=1, keepdims=True)
-    return ((r - mean) / (std + ADV_EPS)).astype(np.float32)
-
-
-def classify(rewards: np.ndarray) -> str:
-    """"useful", or for a zero-advantage group "all_correct" / "all_wrong"."""
-    r = np.asarray(rewards)
-    if r.size and np.all(r == r.flat[0]):
-        return "all_correct" if r.flat[0] >= SOLVED_REWARD else "all_wrong"
-    return "useful"
-
-
 def staleness_metrics(groups: list[ScoredGroup], version: int, eta: int) -> dict[str, float | list[int]]:
     """staleness/mean, /max and /hist (counts for staleness 0..eta) of a batch trained at `version`."""
-    s = np.array([version - g.weight_version for g in groups], dtype=np.int64)
+    s = np.array([staleness(version, g.weight_version) for g in groups], dtype=np.int64)
     hist = np.bincount(s, minlength=eta + 1) if s.size else np.zeros(eta + 1, dtype=np.int64)
     return {
         "staleness/mean": float(s.mean()) if s.size else 0.0,
@@ -99,7 +80,7 @@ class GroupBuffer:
         KEPT_ZERO_ADV (a zero-advantage group held because of keep_zero_advantage)."""
         kind = classify(group.rewards)
         self._rewards.extend(float(r) for r in group.rewards)
-        if kind == "useful":
+        if kind == USEFUL:
             self._counts["filter/useful_groups"] += 1
             self._groups.append(group)
             return kind
@@ -118,9 +99,9 @@ class GroupBuffer:
 
     def purge_stale(self, version: int, eta: int) -> list[ScoredGroup]:
         """Remove and return the groups with staleness version - weight_version > eta."""
-        stale = [g for g in self._groups if version - g.weight_version > eta]
+        stale = [g for g in self._groups if not admissible(version, g.weight_version, eta)]
         if stale:
-            self._groups = [g for g in self._groups if version - g.weight_version <= eta]
+            self._groups = [g for g in self._groups if admissible(version, g.weight_version, eta)]
             self._counts["staleness/dropped"] += len(stale)
         return stale
 
@@ -174,7 +155,7 @@ def to_train_samples(groups: list[ScoredGroup]) -> list[TrainSample]:
     """One TrainSample per response, with its group's normalised advantage."""
     out = []
     for g in groups:
-        adv = group_advantages_np(g.rewards)
+        adv = group_advantages(g.rewards)
         for s, a, r in zip(g.samples, adv, g.rewards):
             out.append(
                 TrainSample(

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from bus.messages import FINISH_LENGTH, SamplingSpec, ScoreItem
-from learner.buffer import SOLVED_REWARD
+from bus.messages import SamplingSpec, ScoreItem
+from learner.advantage import SOLVED_REWARD, shape_reward
 
 if TYPE_CHECKING:
     from common.config import Config
@@ -94,7 +94,7 @@ def generate_and_score(engine: Any, pairs: Sequence[tuple["Problem", np.ndarray]
         futures = [[pool.submit(ScoreItem(pairs[i][0].kind, s.text, pairs[i][0].reference)) for s in group]
                    for i, group in zip(idx, groups)]
         for i, group, fs in zip(idx, groups, futures):
-            rewards = [0.0 if zero_truncated_reward and s.finish_reason == FINISH_LENGTH else float(f.result().reward)
+            rewards = [shape_reward(f.result().reward, s.finish_reason, zero_truncated_reward)
                        for s, f in zip(group, fs)]
             out[i] = (rewards, group)
     return [(pairs[i][0], *out[i]) for i in sorted(out)]

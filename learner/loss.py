@@ -11,11 +11,12 @@ h_t the final hidden state of the position that predicts y_t)::
 computed over chunks of positions in float32, each chunk under activation checkpointing, so neither
 pass holds more than one chunk's [rows, V] (CHUNK_BYTES) whatever L is.
 
-Advantage (per group of n samples of one prompt, rewards r_1..r_n)::
+Advantage (per group of n samples of one prompt, rewards r_1..r_n; computed before the loss, in
+`learner/advantage.py`, the one home of reward shaping and advantages)::
 
     A_i = (r_i - mean(r)) / (std(r) + 1e-6)        std unbiased (n - 1); a group of one sample -> 0
 
-and A_i is broadcast over every response token of sample i.
+and A_i arrives here broadcast over every response token of sample i.
 
 Per response token t, with log pi_theta (current policy, carries the gradient), log pi_prox
 (proximal policy; None means one optimizer step per batch, where pi_prox IS the current policy, so
@@ -67,7 +68,6 @@ from torch import Tensor
 from common.config import LossConfig
 
 LOG_RATIO_CLAMP = 20.0  # |log ratio| above this is numerically broken, not information: see module doc
-ADV_EPS = 1e-6  # Skywork-OR1 / verl's epsilon in the advantage denominator
 CHUNK_BYTES = 128 << 20  # one float32 [b, chunk, V] slab in token_logprobs_and_entropy (peak ~3x this)
 
 
@@ -167,17 +167,6 @@ def _check_inputs(inp: LossInputs, total_tokens: float) -> None:
     adv = tuple(inp.advantages.shape)
     if len(adv) != len(shape) or any(a not in (1, s) for a, s in zip(adv, shape)):
         raise ValueError(f"advantages {adv} must broadcast to {tuple(shape)} at the same rank, e.g. [b, 1]")
-
-
-def group_advantages(rewards: Tensor) -> Tensor:
-    """[G, n] rewards -> [G, n] advantages (r - mean) / (std + 1e-6), unbiased std per group.
-    All-equal groups give exactly 0; groups of one sample give 0 (their std is undefined)."""
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [groups, samples], got shape {tuple(rewards.shape)}")
-    r = rewards.to(torch.float32)
-    if r.shape[1] < 2:
-        return torch.zeros_like(r)
-    return (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=True, keepdim=True) + ADV_EPS)
 
 
 def token_logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

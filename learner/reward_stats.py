@@ -21,8 +21,8 @@ import re
 from collections import defaultdict
 from typing import Sequence
 
-from bus.messages import FINISH_LENGTH, ScoreOut
-from learner.buffer import SOLVED_REWARD
+from bus.messages import ScoreOut
+from learner.advantage import SOLVED_REWARD, shape_reward
 from learner.scheduler import Prompt
 
 _FIELDS = ("reward", "solved", "len", "samples", "errors")
@@ -46,9 +46,7 @@ class RewardBreakdown:
         """One group: its prompt (kind, source), its samples (token_ids, finish_reason) and scores."""
         keys = [prompt.kind] + ([prompt.source] if prompt.source and prompt.source != prompt.kind else [])
         for s, r in zip(samples, results):
-            reward = float(r.reward)
-            if self.zero_truncated_reward and s.finish_reason == FINISH_LENGTH:
-                reward = 0.0
+            reward = shape_reward(r.reward, s.finish_reason, self.zero_truncated_reward)
             for key in keys:
                 acc = self._sums[key]
                 acc["reward"] += reward

@@ -56,11 +56,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bus.messages import (
-    ERR_STALE_EPOCH, ERR_UNKNOWN_LEASE, FINISH_LENGTH, WAIT_ADMISSION, WAIT_DONE, WAIT_NO_DATA, WAIT_WEIGHTS,
+    ERR_STALE_EPOCH, ERR_UNKNOWN_LEASE, WAIT_ADMISSION, WAIT_DONE, WAIT_NO_DATA, WAIT_WEIGHTS,
     Group, Lease, PromptItem, SamplingSpec, Wait,
 )
 from common.config import LearnerConfig, SamplingConfig, StageConfig
-from learner.buffer import KEPT_ZERO_ADV, SOLVED_REWARD, GroupBuffer, ScoredGroup
+from learner.advantage import SOLVED_REWARD, USEFUL, shape_rewards
+from learner.buffer import KEPT_ZERO_ADV, GroupBuffer, ScoredGroup
+from learner.staleness import check_eta, fresh_enough, last_trainable, min_weights, staleness
 from common.data import data_sources
 from learner.mixture import make_order
 
@@ -166,7 +168,7 @@ class Scheduler:
             raise ValueError("prompt ids must be unique")
         self.stages, self.sampling, self.epoch = list(stages), sampling, epoch
         self.vocab_size = vocab_size  # token ids a submitted sample may hold: [0, vocab_size) (0 = unchecked)
-        self.eta = self._check_eta(max_staleness)
+        self.eta = check_eta(max_staleness)
         self.lease_groups, self.lease_timeout_s, self.seed = lease_groups, lease_timeout_s, seed
         self.zero_truncated_reward = zero_truncated_reward
         self._on_event = on_event or (lambda e: None)
@@ -259,8 +261,8 @@ class Scheduler:
             raise ValueError(f"max_groups must be >= 1, got {max_groups}")
         if self.done:
             return Wait(WAIT_DONE, RETRY_DONE_S, self.version)
-        min_version = max(0, self.version - self.eta)
-        if actor_weight_version < min_version:
+        min_version = min_weights(self.version, self.eta)
+        if not fresh_enough(actor_weight_version, min_version):
             return Wait(WAIT_WEIGHTS, RETRY_WEIGHTS_S, min_version)
         if actor_weight_version > self.newest_weights:  # from a future this learner never reached (restart)
             return Wait(WAIT_WEIGHTS, RETRY_WEIGHTS_S, self.version)
@@ -269,15 +271,15 @@ class Scheduler:
         if room <= 0:
             return Wait(WAIT_ADMISSION, RETRY_ADMISSION_S, min_version)
         # Groups leased now are trained, in order, in this stage's batch ceil((load + j) / B) - 1, at
-        # version t = stage_v0 + that; they must come from weights >= t - eta or be dropped as stale
-        # at consumption. So an actor holding w may take only what will train by version w + eta:
-        fit = (actor_weight_version + self.eta - self._stage_v0 + 1) * self.batch_size - load
+        # version t = stage_v0 + that; they must come from weights >= min_weights(t) or be dropped as
+        # stale at consumption. So an actor holding w may take only what will train by last_trainable(w):
+        fit = (last_trainable(actor_weight_version, self.eta) - self._stage_v0 + 1) * self.batch_size - load
         if fit <= 0:
-            return Wait(WAIT_WEIGHTS, RETRY_WEIGHTS_S, self._train_version(load + 1) - self.eta)
+            return Wait(WAIT_WEIGHTS, RETRY_WEIGHTS_S, min_weights(self._train_version(load + 1), self.eta))
         picked = self._pick(min(max_groups, self.lease_groups, room, fit))
         if not picked:
             return Wait(WAIT_NO_DATA, RETRY_NO_DATA_S, min_version)
-        min_version = max(min_version, self._train_version(load + len(picked)) - self.eta)
+        min_version = max(min_version, min_weights(self._train_version(load + len(picked)), self.eta))
         lease_id, stage = self._next_lease_id, self.stage_config
         self._next_lease_id += 1
         lease = _Lease(lease_id, actor_id, tuple(p.prompt_id for p in picked),
@@ -356,7 +358,7 @@ class Scheduler:
             return REJECT_DUPLICATE
         if len(g.samples) != lease.n:
             return REJECT_GROUP_SIZE
-        if g.weight_version < lease.min_version:
+        if not fresh_enough(g.weight_version, lease.min_version):
             return REJECT_OLD_WEIGHTS
         if g.weight_version > self.newest_weights:
             return REJECT_FUTURE_WEIGHTS
@@ -414,14 +416,13 @@ class Scheduler:
             n = len(group.samples)
             raise ValueError(f"group {group_id}: {n} finite rewards expected, got {list(rewards)}")
         del self._scoring[group_id]
-        if self.zero_truncated_reward:
-            r = np.where([s.finish_reason == FINISH_LENGTH for s in group.samples], np.float32(0.0), r)
+        r = shape_rewards(r, [s.finish_reason for s in group.samples], self.zero_truncated_reward)
         stats = self._stage_passes.setdefault(prompt.prompt_id, [0, 0])
         stats[0] += int(np.sum(r >= SOLVED_REWARD))
         stats[1] += len(r)
         kind = self._buffer.add(ScoredGroup(group_id, lease_id, prompt.prompt_id, prompt.token_ids,
                                             group.weight_version, group.samples, r))
-        if kind not in ("useful", KEPT_ZERO_ADV):
+        if kind not in (USEFUL, KEPT_ZERO_ADV):
             self._end(lease_id, prompt.prompt_id, group_id, END_FILTERED, kind, requeue=False,
                       rewards=r.tolist())
             return kind
@@ -460,7 +461,7 @@ class Scheduler:
             return None
         for g in self._buffer.purge_stale(self.version, self.eta):
             self._end(g.lease_id, g.prompt_id, g.group_id, END_STALE, "", requeue=True,
-                      weight_version=g.weight_version, staleness=self.version - g.weight_version)
+                      weight_version=g.weight_version, staleness=staleness(self.version, g.weight_version))
         groups, metrics = self._buffer.take(self.batch_size, self.version, self.eta)
         if not groups:
             return None
@@ -473,7 +474,7 @@ class Scheduler:
             raise RuntimeError("on_step() without a batch from take_batch()")
         for g in self._training:
             self._end(g.lease_id, g.prompt_id, g.group_id, END_TRAINED, "", requeue=False,
-                      weight_version=g.weight_version, staleness=self.version - g.weight_version)
+                      weight_version=g.weight_version, staleness=staleness(self.version, g.weight_version))
         self.groups_trained += len(self._training)
         self._training = []
         self.version += 1
@@ -496,15 +497,9 @@ class Scheduler:
 
     def set_max_staleness(self, eta: int) -> int:
         """Change eta now; returns the old value."""
-        old, self.eta = self.eta, self._check_eta(eta)
+        old, self.eta = self.eta, check_eta(eta)
         self._emit("eta", old=old, new=self.eta)
         return old
-
-    @staticmethod
-    def _check_eta(eta: Any) -> int:
-        if isinstance(eta, bool) or not isinstance(eta, (int, np.integer)) or eta < 0:
-            raise ValueError(f"max_staleness must be an integer >= 0, got {eta!r}")
-        return int(eta)
 
     def pass_rate(self, prompt_id: str) -> float | None:
         """This stage's fraction of solved samples of a prompt (None if not scored this stage)."""

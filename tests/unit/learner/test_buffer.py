@@ -5,7 +5,7 @@ import pytest
 
 from bus.messages import FINISH_LENGTH, FINISH_STOP, Sample
 from learner.buffer import (
-    GroupBuffer, ScoredGroup, TrainSample, build_micro_batch, classify, make_micro_batches, to_train_samples,
+    GroupBuffer, ScoredGroup, TrainSample, build_micro_batch, make_micro_batches, to_train_samples,
 )
 
 
@@ -29,9 +29,6 @@ def ts(p, r, adv=1.0, truncated=False):
 
 
 def test_zero_advantage_groups_dropped_and_counted():
-    assert classify(np.array([1, 1, 1.0])) == "all_correct"
-    assert classify(np.array([0, 0, 0.0])) == "all_wrong"
-    assert classify(np.array([1, 0, 1.0])) == "useful"
     buf = GroupBuffer()
     kinds = [buf.add(group(i, r)) for i, r in enumerate([[1, 1], [0, 0], [1, 0], [0, 0], [0, 1]])]
     assert kinds == ["all_correct", "all_wrong", "useful", "all_wrong", "useful"]

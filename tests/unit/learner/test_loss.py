@@ -8,8 +8,7 @@ import torch
 
 from common.config import LossConfig
 from learner import loss as L
-from learner.buffer import group_advantages_np
-from learner.loss import LossInputs, group_advantages, policy_loss, token_logprobs_and_entropy
+from learner.loss import LossInputs, policy_loss, token_logprobs_and_entropy
 
 torch.set_num_threads(1)
 
@@ -26,31 +25,6 @@ def one_token(logp, A, *, prox=None, mu=None, H=0.0):
         logprobs=lp, entropy=t(H), behaviour_logprobs=mu_t, advantages=t(A), mask=t(1.0),
         prox_logprobs=None if prox is None else t(prox),
     )
-
-
-# --- advantages ---------------------------------------------------------------------------
-
-
-def test_group_advantages_hand_values():
-    r = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
-    a = group_advantages(r)
-    # [1,0,0,0]: mean 0.25; unbiased var = (0.75² + 3·0.25²)/3 = (0.5625 + 0.1875)/3 = 0.25, std 0.5
-    # -> 0.75/0.5 = 1.5 and -0.25/0.5 = -0.5 (the +1e-6 moves the 6th digit)
-    assert torch.allclose(a[0], t(1.5, -0.5, -0.5, -0.5), atol=1e-5)
-    assert a[0, 0].item() == pytest.approx(0.75 / (0.5 + 1e-6), rel=1e-6)
-    # all equal: numerator 0 -> exactly 0, not NaN
-    assert torch.equal(a[1], torch.zeros(4)) and torch.equal(a[2], torch.zeros(4))
-    # [1,0,1,0]: mean 0.5, unbiased var = 4·0.25/3 = 1/3, std 0.57735 -> ±0.5/0.57735 = ±0.866025
-    assert torch.allclose(a[3], t(0.866025, -0.866025, 0.866025, -0.866025), atol=1e-5)
-
-
-def test_group_of_one_sample_is_zero_and_numpy_twin_agrees():
-    assert torch.equal(group_advantages(torch.tensor([[1.0], [0.0]])), torch.zeros(2, 1))
-    rng = np.random.default_rng(0)
-    r = rng.integers(0, 2, size=(16, 8)).astype(np.float32)
-    assert np.allclose(group_advantages(torch.from_numpy(r)).numpy(), group_advantages_np(r), atol=1e-6)
-    with pytest.raises(ValueError):
-        group_advantages(torch.zeros(4))
 
 
 # --- clipping -----------------------------------------------------------------------------
