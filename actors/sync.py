@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from bus.address import hint, resolve_advertised
 from bus.client import Client, RemoteError
-from bus.messages import SOURCE_LEARNER, WeightSource
+from bus.messages import ERR_NOT_FOUND, SOURCE_LEARNER, WeightSource
 from bus.weights.pull import attach_shared, fetch_manifest, pull
 from bus.weights.server import WeightServer
 from bus.weights.store import PartialStore, WeightStore
@@ -157,7 +157,7 @@ class WeightSync:
     def _source(self, version: int) -> str:
         reply = self.client.request(WeightSource(version=version), timeout=10.0)
         if not isinstance(reply, WeightSource) or not reply.endpoint:
-            raise RemoteError("not_found", f"no source for version {version}")
+            raise RemoteError(ERR_NOT_FOUND, f"no source for version {version}")
         if reply.source_id == SOURCE_LEARNER:
             return self._learner_endpoint()
         self._endpoint, self._from_learner = reply.endpoint, False
@@ -167,7 +167,7 @@ class WeightSync:
         """The learner's weights endpoint as this host reaches it (bus/address.py)."""
         w = self.client.welcome
         if w is None or not w.weights_endpoint:
-            raise RemoteError("not_found", "the learner announced no weights endpoint")
+            raise RemoteError(ERR_NOT_FOUND, "the learner announced no weights endpoint")
         self._endpoint = resolve_advertised(w.weights_endpoint, self.client.endpoint)
         self._from_learner = True
         return self._endpoint

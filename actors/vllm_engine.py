@@ -78,7 +78,7 @@ from actors.weights_io import (
     weight_file,
     write_weight_file,
 )
-from bus.messages import SamplingSpec
+from bus.messages import FINISH_LENGTH, FINISH_STOP, SamplingSpec
 from common.log import get_logger
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ class VLLMEngine:
         # logprobs=0 → exactly the sampled token at each position; anything else is a vLLM change to see.
         if flat is None or len(flat.logprobs) != ids.size or flat.token_ids != list(c.token_ids):
             raise RuntimeError("vLLM returned log-probs that are not one per sampled token")
-        if c.finish_reason not in ("stop", "length"):
+        if c.finish_reason not in (FINISH_STOP, FINISH_LENGTH):  # vLLM's names are ours
             log.warning("vllm.finish_reason", reason=c.finish_reason)
         return ids, np.asarray(flat.logprobs, dtype=np.float32)
 

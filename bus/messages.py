@@ -70,6 +70,17 @@ ERR_NOT_FOUND = "not_found"
 ERR_BAD_VALUE = "bad_value"  # a Set whose value the setting refuses
 ERR_INTERNAL = "internal"
 ERR_ID_IN_USE = "id_in_use"  # another live session holds this worker_id: Hello again once it is gone
+ERR_BAD_REPLY = "bad_reply"  # client side: the server answered with a message of the wrong type
+
+# SubmitAck.rejected reasons: why the learner refused one group of a Submit (learner/scheduler.py)
+REJECT_EXPIRED = "expired"  # the lease's deadline passed (its prompts were requeued)
+REJECT_WRONG_ACTOR = "wrong_actor"  # the lease belongs to another actor
+REJECT_NOT_IN_LEASE = "not_in_lease"  # the prompt is not one of the lease's
+REJECT_DUPLICATE = "duplicate"  # the prompt was already submitted
+REJECT_GROUP_SIZE = "bad_group_size"  # not the lease's n samples
+REJECT_OLD_WEIGHTS = "old_weights"  # weight_version below the lease's min_version (learner/staleness.py)
+REJECT_FUTURE_WEIGHTS = "future_weights"  # weight_version the learner never published
+REJECT_BAD_SAMPLE = "bad_sample"  # ids/logprobs malformed, too long, not finite, or outside the vocabulary
 
 SOURCE_LEARNER = "learner"  # WeightSource.source_id of the learner itself (other ids are relay worker ids)
 

@@ -14,25 +14,29 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bus.messages import (  # the protocol's defaults live with the protocol; these fields only expose them
+    CHUNK_BYTES, CHUNK_TIMEOUT_S, HEARTBEAT_S, LIVENESS, MAX_MESSAGE_BYTES, PULL_WINDOW, RELAY_FANOUT,
+)
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
 class BusConfig(Section):
-    heartbeat_s: float = Field(1.0, gt=0, le=60)
+    heartbeat_s: float = Field(HEARTBEAT_S, gt=0, le=60)
     """Seconds between heartbeats, both ways."""
-    liveness: int = Field(3, ge=1, le=100)
+    liveness: int = Field(LIVENESS, ge=1, le=100)
     """A peer silent for `liveness * heartbeat_s` seconds is declared dead."""
-    max_message_bytes: int = Field(1 << 30, ge=1 << 16)
+    max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1 << 16)
     """zmq MAXMSGSIZE on every socket, and the codec's limit on a message's declared size."""
-    chunk_bytes: int = Field(4 << 20, ge=1 << 12, le=1 << 28)
+    chunk_bytes: int = Field(CHUNK_BYTES, ge=1 << 12, le=1 << 28)
     """Size of one weight chunk."""
-    pull_window: int = Field(8, ge=1, le=64)
+    pull_window: int = Field(PULL_WINDOW, ge=1, le=64)
     """Outstanding chunk requests per weight puller (credit pipelining)."""
-    chunk_timeout_s: float = Field(10.0, gt=0)
+    chunk_timeout_s: float = Field(CHUNK_TIMEOUT_S, gt=0)
     """A weight chunk not answered within this is requested again from another source."""
-    relay_fanout: int = Field(2, ge=1, le=64)
+    relay_fanout: int = Field(RELAY_FANOUT, ge=1, le=64)
     """Most pullers one weight source (learner or relay) serves for one version."""
     shared_memory: bool = True
     """Weight versions live in /dev/shm, and an actor on the host of its source (learner or relay)

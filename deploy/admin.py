@@ -7,7 +7,7 @@ import socket
 import time
 
 from bus.client import Client, RemoteError
-from bus.messages import ROLE_ADMIN, Hello, Set, SetReply, Status, StatusReply
+from bus.messages import ERR_BAD_REPLY, ROLE_ADMIN, Hello, Set, SetReply, Status, StatusReply
 from common.config import Config
 
 SETTABLE = {"max-staleness": "max_staleness", "max_staleness": "max_staleness"}
@@ -30,7 +30,7 @@ def fetch_status(endpoint: str, cfg: Config, admin_key: str = "") -> StatusReply
     finally:
         c.close(bye="done")
     if not isinstance(reply, StatusReply):
-        raise RemoteError("bad_reply", f"expected status_reply, got {reply.TYPE}")
+        raise RemoteError(ERR_BAD_REPLY, f"expected status_reply, got {reply.TYPE}")
     return reply
 
 

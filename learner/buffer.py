@@ -5,11 +5,13 @@ Group path (driven by `learner/scheduler.py`, which owns the admission accountin
 1. A scored group is classified by its rewards (`learner/advantage.py` `classify`): all equal ->
    zero advantage, dropped before batching (`filter/zero_adv_all_correct` when every sample has
    reward >= SOLVED_REWARD, else `filter/zero_adv_all_wrong`); otherwise it is buffered. With
-   `loss.keep_zero_advantage` (systems benchmarks of untrained models only) a zero-advantage group is counted the same way, plus
-   `filter/zero_adv_kept`, and buffered too: it trains with advantage 0 (only the entropy term acts).
+   `loss.keep_zero_advantage` (systems benchmarks of untrained models only) a zero-advantage group
+   is counted the same way, plus `filter/zero_adv_kept`, and buffered too: it trains with
+   advantage 0 (only the entropy term acts).
 2. `GroupBuffer.purge_stale(v, eta)` removes every buffered group no longer admissible at v
-   (`learner/staleness.py`: staleness v - w > eta; never trained, the scheduler requeues the prompt), then `take(B)` hands out B groups, the oldest
-   weights first, so the groups closest to the staleness bound are trained before they cross it.
+   (`learner/staleness.py`: staleness v - w > eta; never trained, the scheduler requeues the
+   prompt), then `take(B)` hands out B groups, the oldest weights first, so the groups closest to
+   the staleness bound are trained before they cross it.
 3. `to_train_samples` turns groups into per-sample records with group-normalised advantages
    (`learner/advantage.py` `group_advantages`), and `make_micro_batches` packs them for the ranks.
 

@@ -57,7 +57,8 @@ import numpy as np
 
 from bus.messages import (
     ERR_STALE_EPOCH, ERR_UNKNOWN_LEASE, WAIT_ADMISSION, WAIT_DONE, WAIT_NO_DATA, WAIT_WEIGHTS,
-    Group, Lease, PromptItem, SamplingSpec, Wait,
+    REJECT_BAD_SAMPLE, REJECT_DUPLICATE, REJECT_EXPIRED, REJECT_FUTURE_WEIGHTS, REJECT_GROUP_SIZE, REJECT_NOT_IN_LEASE,
+    REJECT_OLD_WEIGHTS, REJECT_WRONG_ACTOR, Group, Lease, PromptItem, SamplingSpec, Wait,
 )
 from common.config import LearnerConfig, SamplingConfig, StageConfig
 from learner.advantage import SOLVED_REWARD, USEFUL, shape_rewards
@@ -71,14 +72,6 @@ RETRY_WEIGHTS_S = 0.0  # pull, then ask again at once
 RETRY_NO_DATA_S = 1.0
 RETRY_DONE_S = 5.0
 
-REJECT_EXPIRED = "expired"
-REJECT_WRONG_ACTOR = "wrong_actor"
-REJECT_NOT_IN_LEASE = "not_in_lease"
-REJECT_DUPLICATE = "duplicate"
-REJECT_GROUP_SIZE = "bad_group_size"
-REJECT_OLD_WEIGHTS = "old_weights"
-REJECT_FUTURE_WEIGHTS = "future_weights"
-REJECT_BAD_SAMPLE = "bad_sample"
 
 END_TRAINED = "trained"
 END_FILTERED = "filtered"

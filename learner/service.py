@@ -26,9 +26,9 @@ from bus.address import fill_peer_host
 from bus.auth import key_role
 from learner.dispatch import ScoreDispatcher
 from bus.messages import (
-    ERR_BAD_VALUE, ERR_FORBIDDEN, ERR_NOT_FOUND, ROLE_ACTOR, ROLE_ADMIN, ROLE_REWARD, Error, Heartbeat, LeaseRequest, Message,
-    PeerInfo, Ready, Release, ScoreItem, ScoreOut, ScoreResult, Set, SetReply, Status, StatusReply, Submit, SubmitAck,
-    WAIT_DONE, Wait, WeightSource, Welcome,
+    ERR_BAD_VALUE, ERR_FORBIDDEN, ERR_NOT_FOUND, FINISH_LENGTH, ROLE_ACTOR, ROLE_ADMIN, ROLE_REWARD, WAIT_DONE, Error,
+    Heartbeat, LeaseRequest, Message, PeerInfo, Ready, Release, ScoreItem, ScoreOut, ScoreResult, Set, SetReply, Status,
+    StatusReply, Submit, SubmitAck, Wait, WeightSource, Welcome,
 )
 from bus.server import Peer, Server
 from common.config import Config
@@ -221,7 +221,7 @@ class LearnerService:
             return
         for s in acc.group.samples:
             self._window["len"] += len(s.token_ids)
-            self._window["trunc"] += s.finish_reason == "length"
+            self._window["trunc"] += s.finish_reason == FINISH_LENGTH
             self._window["samples"] += 1
         self.breakdown.add(acc.prompt, acc.group.samples, results)
         self.ready.notify_all()

@@ -74,6 +74,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from common.config import RewardConfig
+
 from rewards.isolation import (
     UID_SLOTS,
     ChildSetup,
@@ -95,21 +97,25 @@ READ_CHUNK = 1 << 16
 EXIT_GRACE_S = 0.2  # after the main process exits, how long to wait for stray pipe holders
 
 
+_CFG = RewardConfig()  # the limits' defaults are the reward config's (one source; documented there)
+
+
 @dataclass
 class SandboxLimits:
-    """What one run may use. `python` empty = auto (see `sandbox_python`)."""
+    """What one run may use (`rewards/code.py` `sandbox_limits` fills it from `[reward]`; the
+    defaults are RewardConfig's). `python` empty = auto (see `sandbox_python`)."""
 
-    wall_s: float = 6.0
-    cpu_s: int = 10
-    memory_mb: int = 1024
-    fsize_mb: int = 16
-    max_processes: int = 64
-    max_open_files: int = 256
-    max_output_bytes: int = 1 << 20
-    disk_mb: int = 64
-    network_isolation: bool = True
-    python: str = ""
-    uid_base: int = 61000
+    wall_s: float = _CFG.code_timeout_s
+    cpu_s: int = _CFG.code_cpu_s
+    memory_mb: int = _CFG.code_memory_mb
+    fsize_mb: int = _CFG.code_max_file_mb
+    max_processes: int = _CFG.code_max_processes
+    max_open_files: int = 256  # not a setting: a test needs a handful, and more is a descriptor leak
+    max_output_bytes: int = _CFG.code_max_output_bytes
+    disk_mb: int = _CFG.code_disk_mb
+    network_isolation: bool = _CFG.code_network_namespace
+    python: str = _CFG.code_python
+    uid_base: int = _CFG.code_uid_base
     uid_slots: int = UID_SLOTS
 
 

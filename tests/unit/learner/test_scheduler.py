@@ -369,7 +369,8 @@ def test_token_ids_outside_the_vocabulary_are_refused_at_submit():
     lookup, which stopped the learner: one hostile actor could end the run."""
     from bus.messages import FINISH_STOP, Group, Lease, Sample
     from common.config import SamplingConfig, StageConfig
-    from learner.scheduler import REJECT_BAD_SAMPLE, Prompt, Scheduler
+    from bus.messages import REJECT_BAD_SAMPLE
+    from learner.scheduler import Prompt, Scheduler
 
     s = Scheduler([Prompt("p0", np.array([1], np.int32), "math", "1")],
                   [StageConfig(steps=5, max_response_tokens=4, prompts_per_batch=1, group_size=2)],
