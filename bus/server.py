@@ -17,7 +17,11 @@ One daemon thread owns the ROUTER socket and runs this loop:
    logged and answered ``Error(internal)``; nothing a peer sends can stop the loop;
 3. outbox: ``send(worker_id, msg)`` from any thread encodes in the caller, pushes
    ``[worker_id, *frames]`` to the inproc PUSH (under a lock) and the loop routes it;
-4. liveness: a peer silent for ``liveness × heartbeat_s`` is removed and ``on_dead`` fires.
+4. liveness: a peer silent for ``liveness × heartbeat_s`` is removed and ``on_dead`` fires. Time the
+   loop itself was not listening does not count as the peers' silence: when one iteration overruns
+   (a slow handler, the process starved of CPU or the GIL), every peer's ``last_seen`` is moved on
+   by the overrun before the check, since their heartbeats are waiting, unread, in the socket. A
+   learner that stalls for seconds would otherwise declare its whole fleet dead and requeue every lease.
 
 Sends are non-blocking (a full or vanished peer costs a ``bus/send_failed``, never a stall).
 """
@@ -197,7 +201,7 @@ class Server:
         self.max_message_bytes = max_message_bytes
         self.metrics: dict[str, float] = dict.fromkeys(
             ("bus/bad_messages", "bus/messages_in", "bus/messages_out", "bus/dead_peers", "bus/peers",
-             "bus/send_failed", "bus/handler_errors", "bus/refused_hellos"), 0.0)
+             "bus/send_failed", "bus/handler_errors", "bus/refused_hellos", "bus/loop_stall_s"), 0.0)
         self._ctx = zmq.Context(io_threads=1)
         self._auth = None
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -274,13 +278,18 @@ class Server:
         next_check = time.monotonic() + check_every
         try:
             while not self._stop.is_set():
-                timeout_ms = max(0.0, next_check - time.monotonic()) * 1000
-                events = dict(poller.poll(min(timeout_ms, 100)))
+                timeout_s = min(max(0.0, next_check - time.monotonic()), 0.1)
+                t0 = time.monotonic()
+                events = dict(poller.poll(timeout_s * 1000))
+                t1 = time.monotonic()
                 # One message per socket per poll: fair, and cheaper than draining until zmq.Again.
                 if self._sock in events and (frames := recv_ready(self._sock)):
                     self._on_frames(frames)
                 if self._outbox.pull in events and (frames := recv_ready(self._outbox.pull)):
                     self._route(frames)
+                overrun = max(0.0, t1 - t0 - timeout_s) + time.monotonic() - t1
+                if overrun > check_every:
+                    self._excuse(overrun)
                 if time.monotonic() >= next_check:
                     self._reap(time.monotonic())
                     next_check = time.monotonic() + check_every
@@ -403,6 +412,13 @@ class Server:
                 self._on_dead(peer)
             except Exception:  # noqa: BLE001
                 log.exception("on_dead failed", server=self.name, worker_id=peer.worker_id)
+
+    def _excuse(self, deaf_s: float) -> None:
+        """The loop did not listen for `deaf_s` seconds: that silence is ours, not the peers'."""
+        with self._lock:
+            for peer in self._by_identity.values():
+                peer.last_seen += deaf_s
+        self.metrics["bus/loop_stall_s"] = max(self.metrics["bus/loop_stall_s"], deaf_s)
 
     def _reap(self, now: float) -> None:
         limit = self.liveness * self.heartbeat_s

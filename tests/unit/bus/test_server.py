@@ -116,6 +116,20 @@ def test_handler_reply_carries_the_request_rid(server: Server, peer: RawPeer) ->
     assert seen == [("w7", 1), ("w7", 2**40 % 100), ("w7", 3)]
 
 
+def test_a_stalled_loop_does_not_blame_its_peers(server: Server, peer: RawPeer) -> None:
+    """A handler that blocks the loop for 4x the liveness window (0.3 s): the peer's heartbeats wait
+    unread meanwhile, so it is not declared dead, and the stall is reported."""
+    dead: list[str] = []
+    server.on_dead(lambda p: dead.append(p.worker_id))
+    server.on(M.Release, lambda p, m: time.sleep(1.2) or M.SubmitAck(lease_id=2, accepted=1))
+    server.start()
+    peer.hello()
+    assert peer.ask(M.Release(lease_ids=[1]), rid=4) == M.SubmitAck(lease_id=2, accepted=1)
+    time.sleep(0.1)
+    assert dead == [] and server.metrics["bus/dead_peers"] == 0
+    assert server.metrics["bus/loop_stall_s"] >= 1.0
+
+
 def test_handler_returning_none_sends_nothing(server: Server, peer: RawPeer) -> None:
     server.on(M.Release, lambda p, m: None)
     server.start()
