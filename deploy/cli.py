@@ -30,6 +30,19 @@ def _config(path: Optional[str], sets: list[str], **flags) -> Config:
         raise typer.Exit(2) from None
 
 
+def _exit_with(fn, /, *args, errors: tuple[type[Exception], ...] = (), **kwargs) -> None:
+    """Run an offline command and exit with its status; bad data (`DataError`) or any of `errors`
+    is one line on stderr saying what to change, and exit 2, never a traceback."""
+    from common.data import DataError
+
+    try:
+        status = fn(*args, **kwargs)
+    except (DataError, *errors) as e:
+        typer.echo(f"or1: {e}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(status)
+
+
 def default_run_config() -> str:
     """The embedded default: the tiny model on the toy task (deploy/configs/tiny.toml)."""
     from pathlib import Path
@@ -213,15 +226,10 @@ def eval_cmd(
 ) -> None:
     """avg@n and unbiased pass@k per data source, scored by the training rewards; one JSON line."""
     cfg = _config(config, set_, **{"actor.engine": engine})
-    from common.data import DataError
     from deploy.evaluate import evaluate
 
-    try:
-        raise typer.Exit(evaluate(model, cfg, data=data, samples=samples, temperature=temperature,
-                                  max_tokens=max_tokens, ks=k, limit=limit, out=out, split=split))
-    except (DataError, ValueError) as e:
-        typer.echo(f"or1: {e}", err=True)
-        raise typer.Exit(2) from None
+    _exit_with(evaluate, model, cfg, data=data, samples=samples, temperature=temperature, max_tokens=max_tokens,
+               ks=k, limit=limit, out=out, split=split, errors=(ValueError,))
 
 
 @app.command("filter")
@@ -247,17 +255,12 @@ def filter_cmd(
 ) -> None:
     """Offline difficulty filter: keep problems solved 0 < s < N times; rows written back unchanged."""
     cfg = _config(config, set_, **{"actor.engine": engine})
-    from common.data import DataError
     from deploy.evaluate import offline_filter
 
-    try:
-        raise typer.Exit(offline_filter(
-            model, out, cfg, data=data, math_samples=samples or math_samples, code_samples=samples or code_samples,
-            use_difficulty=difficulty, difficulty_model=difficulty_model, difficulty_samples=difficulty_samples,
-            temperature=temperature, max_tokens=max_tokens, report=report, split=split))
-    except (DataError, ValueError) as e:
-        typer.echo(f"or1: {e}", err=True)
-        raise typer.Exit(2) from None
+    _exit_with(offline_filter, model, out, cfg, data=data, math_samples=samples or math_samples,
+               code_samples=samples or code_samples, use_difficulty=difficulty, difficulty_model=difficulty_model,
+               difficulty_samples=difficulty_samples, temperature=temperature, max_tokens=max_tokens, report=report,
+               split=split, errors=(ValueError,))
 
 
 @app.command("check-data")
@@ -269,14 +272,9 @@ def check_data_cmd(
     """Parse every reference and tokenize every prompt as the learner will; print usable / unparseable /
     too-long counts per source and kind. Exit 1 when the learner would refuse to start."""
     cfg = _config(config, set_)
-    from common.data import DataError
     from deploy.evaluate import check_data
 
-    try:
-        raise typer.Exit(check_data(cfg, as_json=json_out))
-    except DataError as e:
-        typer.echo(f"or1: {e}", err=True)
-        raise typer.Exit(2) from None
+    _exit_with(check_data, cfg, as_json=json_out)
 
 
 @app.command("export")

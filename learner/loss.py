@@ -182,24 +182,11 @@ def token_logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: flo
         raise ValueError(f"logits [b, L, V] and targets [b, L] expected, got {got}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    from torch.utils.checkpoint import checkpoint
-
     b, length, vocab = logits.shape
     chunk = max(1, CHUNK_BYTES // max(1, 4 * b * vocab))
     grad = torch.is_grad_enabled() and logits.requires_grad
-    logps, ents = [], []
-    for s in range(0, length, chunk):
-        args = (logits[:, s : s + chunk], targets[:, s : s + chunk], temperature)
-        if grad:
-            lp, h = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False)
-        else:
-            lp, h = _chunk_logprobs_entropy(*args)
-        logps.append(lp)
-        ents.append(h)
-    if not logps:
-        empty = logits.new_zeros((b, 0), dtype=torch.float32)
-        return empty, empty
-    return torch.cat(logps, dim=1), torch.cat(ents, dim=1)
+    chunks = ((logits[:, s : s + chunk], targets[:, s : s + chunk], temperature) for s in range(0, length, chunk))
+    return _over_chunks(_chunk_logprobs_entropy, chunks, grad, logits.new_zeros((b, 0), dtype=torch.float32), dim=1)
 
 
 def head_logprobs_and_entropy(
@@ -216,23 +203,27 @@ def head_logprobs_and_entropy(
         raise ValueError(f"hidden [N, H], targets [N] and weight [V, H] expected, got {got}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    from torch.utils.checkpoint import checkpoint
-
     rows = head_chunk_rows(weight.shape[0])
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    chunks = ((hidden[s : s + rows], targets[s : s + rows], weight, bias, temperature)
+              for s in range(0, hidden.shape[0], rows))
+    return _over_chunks(_chunk_head_logprobs_entropy, chunks, grad, hidden.new_zeros((0,), dtype=torch.float32), dim=0)
+
+
+def _over_chunks(fn, chunks, grad: bool, empty: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """`fn(*args)` -> (log pi, H) for each chunk's args, concatenated along `dim` (`empty` when there
+    is no chunk). With `grad`, each chunk runs under activation checkpointing: backward recomputes
+    its [rows, V] softmax instead of keeping it, so only one chunk's logits live at a time."""
+    from torch.utils.checkpoint import checkpoint
+
     logps, ents = [], []
-    for s in range(0, hidden.shape[0], rows):
-        args = (hidden[s : s + rows], targets[s : s + rows], weight, bias, temperature)
-        if grad:
-            lp, h = checkpoint(_chunk_head_logprobs_entropy, *args, use_reentrant=False)
-        else:
-            lp, h = _chunk_head_logprobs_entropy(*args)
+    for args in chunks:
+        lp, h = checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
         logps.append(lp)
         ents.append(h)
     if not logps:
-        empty = hidden.new_zeros((0,), dtype=torch.float32)
         return empty, empty
-    return torch.cat(logps), torch.cat(ents)
+    return torch.cat(logps, dim=dim), torch.cat(ents, dim=dim)
 
 
 def head_chunk_rows(vocab: int) -> int:
