@@ -1,7 +1,7 @@
 """The actor: a rollout worker that any number of can join or leave a run at any time.
 
-    Hello → Welcome (model, version, η)
-    loop:
+    Hello → Welcome (model, version, η, the run's max_model_len) → build the engine
+    loop (`Actor.cycle`, one lease per cycle):
         load newer weights if the background sync has them      (pause = load only)
         LeaseRequest(max_groups, held version) → Lease | Wait
             Wait(weights)   → block until the sync has ≥ min_version, load it
@@ -9,10 +9,19 @@
             Wait(done)      → leave
         never generate with weights older than the lease's min_version
         generate n samples per prompt → Submit(groups tagged with the held version) → SubmitAck
-    SIGTERM / SIGINT → Release(held leases) → Bye
+    stop flag (SIGTERM / SIGINT) → Release(held leases) → Bye
 
-Heartbeats run on the bus client's own thread, so a generation of minutes never looks like death.
-After a learner restart the client says Hello again and the new epoch's leases simply continue.
+Threads: the main thread runs the loop; the engine runs on its own thread (`EngineThread`), so the
+main thread waits for a generation or the stop flag, whichever comes first. A signal only sets the
+flag; the main thread then aborts the generation (`Engine.abort`), hands the held leases back at
+once and leaves, without waiting out a generation of minutes. The main thread never blocks on the
+flag itself (only `is_set`, and waits in slices of `POLL_S`): a handler that set it while the main
+thread sat inside `stop.wait` would deadlock on the event's own lock. Heartbeats run on the bus
+client's thread, so a long generation never looks like death. After a learner restart the client
+says Hello again and the new epoch's leases simply continue.
+
+One constructor for every use: `or1 actor` (`run`) builds `Actor(cfg)` with the real engine; tests
+build `Actor(cfg, make_engine=...)` with a fake one against an in-process learner.
 """
 
 from __future__ import annotations
@@ -23,22 +32,36 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
+from actors.engine import context_error
+from actors.engine_thread import POLL_S, Call, EngineThread
+from actors.sync import WeightSync
+from actors.weights_io import named_tensors
+from bus.auth import client_curve, server_curve
 from bus.client import Client, RemoteError
 from bus.messages import (
     ROLE_ACTOR, WAIT_DONE, WAIT_WEIGHTS, Group, Hello, Lease, LeaseRequest, Release, Sample, Submit, SubmitAck, Wait,
+    Welcome,
 )
-from common.config import Config
+from bus.weights import shm
+from bus.weights.server import WeightServer
+from common.config import ActorConfig, Config
 from common.log import get_logger, setup_logging
+
+if TYPE_CHECKING:
+    from actors.engine import Engine, GenSample
+    from bus.weights.store import WeightStore
 
 log = get_logger()
 REQUEST_TIMEOUT_S = 30.0
+CONNECT_POLL_S = 1.0  # connect waits for the Welcome in slices this long, looking at the stop flag between them
+ABORT_GRACE_S = 5.0  # after leaving the bus, how long an aborted generation may take to end before the engine is closed
 
 
 RATE_WINDOW_S = 5.0  # actor/tokens_per_s is measured over intervals of at least this (a lease's tokens land at once)
 
 
-@dataclass
 class ActorStats:
     """Counters behind the `actor/*` metrics sent with each heartbeat.
 
@@ -86,6 +109,10 @@ class ActorStats:
         }
 
 
+EngineFactory = Callable[[str, ActorConfig, "int | None"], "Engine"]
+"""(model, actor config, the run's max_model_len from the Welcome or None) → an engine."""
+
+
 def default_worker_id(prefix: str) -> str:
     return f"{prefix}-{socket.gethostname()}-{os.getpid()}"
 
@@ -96,198 +123,305 @@ def relay_advertise(bound: str, advertise: str) -> str:
     return advertise if advertise or not bound else bound
 
 
+def real_engine(model: str, a: ActorConfig, max_model_len: int | None) -> "Engine":
+    """The engine `actor.engine` names (vLLM, or the transformers fallback)."""
+    from actors.engine import make_engine
+
+    return make_engine(a.engine, model, a, max_model_len=max_model_len)
+
+
 def run(cfg: Config, log_format: str = "auto") -> int:
-    a = cfg.actor
-    worker_id = a.worker_id or default_worker_id("actor")
-    setup_logging("actor", worker_id, log_format)
+    """`or1 actor`: the process around one `Actor` (logging, allocator, signals); its exit code."""
+    setup_logging("actor", cfg.actor.worker_id or default_worker_id("actor"), log_format)
     if cfg.bus.keep_frame_memory:
         from bus.memory import keep_frame_memory
 
         keep_frame_memory()
-    stop = threading.Event()
-    generating = {"now": False}
+    actor = Actor(cfg)
+    actor.install_signals()
+    return actor.run()
 
-    def on_signal(*_) -> None:
-        # Leave at once: a generation may run for minutes, and its leases are worth more back in
-        # the queue (another actor takes them now) than finished here after the operator asked us to go.
-        stop.set()
-        if generating["now"]:
-            generating["now"] = False
-            raise Shutdown()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+class Actor:
+    """One actor: its bus client, relay, weight sync and engine, and the lease loop (module doc).
 
-    from bus.weights import shm
-    from bus.auth import client_curve, server_curve
-    from bus.weights.server import WeightServer
+    Build it, call `run()` once (it closes everything it opened); `stop` may be set from any
+    thread, or by SIGTERM / SIGINT after `install_signals()`. The engine is built by `make_engine`
+    after the Welcome, since the model and the run's context length come from the learner."""
 
-    curve = client_curve(cfg.bus.curve_dir, ROLE_ACTOR, cfg.bus.client_key)
-    relay = WeightServer(a.relay_bind, max_message_bytes=cfg.bus.max_message_bytes,
-                         curve=server_curve(cfg.bus.curve_dir, cfg.bus.allow_readable_keys)) if a.relay_bind else None
-    relay_ep = relay_advertise(relay.endpoint if relay else "", a.relay_advertise)
-    stats = ActorStats()
-    held = {"version": -1}
-    sync_box: list = []
+    abort_grace_s = ABORT_GRACE_S
 
-    def hello() -> Hello:
-        return Hello(role=ROLE_ACTOR, worker_id=worker_id, host=socket.gethostname(), host_id=shm.host_id(),
-                     capacity=a.max_groups, weight_version=held["version"], relay_endpoint=relay_ep)
+    def __init__(self, cfg: Config, make_engine: EngineFactory = real_engine):
+        self.cfg, self.a = cfg, cfg.actor
+        self.worker_id = self.a.worker_id or default_worker_id("actor")
+        self.stop = threading.Event()
+        self.stats = ActorStats()
+        self.held_leases: set[int] = set()
+        self.engine: Engine | None = None
+        self.epoch: tuple[str, int] | None = None  # (run id, epoch) of the last Welcome
+        self._make_engine = make_engine
+        self._engine_thread: EngineThread | None = None
+        self._abandoned: Call[Any] | None = None  # a generation left running when the actor stopped
+        self.curve = client_curve(cfg.bus.curve_dir, ROLE_ACTOR, cfg.bus.client_key)
+        self.relay = self._make_relay()
+        self.relay_endpoint = relay_advertise(self.relay.endpoint if self.relay else "", self.a.relay_advertise)
+        self.client = Client(self.a.learner, self._hello, heartbeat_s=cfg.bus.heartbeat_s, liveness=cfg.bus.liveness,
+                             stats=self._heartbeat_stats, max_message_bytes=cfg.bus.max_message_bytes,
+                             curve=self.curve, problem=lambda: self.sync.problem, health_file=cfg.bus.health_file)
+        self.sync = WeightSync(self.client, cfg.bus, self.relay, curve=self.curve)
+        self.client.on_welcome(self._on_welcome)
 
-    def heartbeat_stats() -> dict[str, float]:
-        return stats.as_metrics(held["version"], sync_box[0].stats) if sync_box else {}
+    def _make_relay(self) -> WeightServer | None:
+        bus = self.cfg.bus
+        if not self.a.relay_bind:
+            return None
+        return WeightServer(self.a.relay_bind, max_message_bytes=bus.max_message_bytes,
+                            curve=server_curve(bus.curve_dir, bus.allow_readable_keys))
 
-    client = Client(a.learner, hello, heartbeat_s=cfg.bus.heartbeat_s, liveness=cfg.bus.liveness,
-                    stats=heartbeat_stats, max_message_bytes=cfg.bus.max_message_bytes, curve=curve,
-                    problem=lambda: sync_box[0].problem if sync_box else "", health_file=cfg.bus.health_file)
-    log.info("actor.connecting", learner=a.learner)
-    welcome = client.connect(timeout=None)
-    model = a.model or welcome.model
-    log.info("actor.welcome", run_id=welcome.run_id, epoch=welcome.epoch, version=welcome.version, model=model)
+    @property
+    def held_version(self) -> int:
+        return self.sync.held_version
 
-    from actors.engine import context_error, make_engine
-    from actors.sync import WeightSync
-    from actors.weights_io import named_tensors
+    # --- the process ------------------------------------------------------------------------
 
-    why = context_error(a.max_model_len, welcome.max_model_len, a.tensor_parallel_size, a.engine)
-    if why:  # a bad setting: say which, and leave before building an engine
-        log.error("actor.refused", error=why)
-        client.close(bye="shutdown")
-        if relay is not None:
-            relay.stop()
-        return 2
-    engine = make_engine(a.engine, model, a, max_model_len=welcome.max_model_len or None)
-    log.info("actor.engine", engine=type(engine).__name__, max_model_len=engine.max_model_len,
-             run_needs=welcome.max_model_len)
-    sync = WeightSync(client, cfg.bus, relay, curve=curve)
-    sync_box.append(sync)
-    sync.start()
+    def install_signals(self) -> None:
+        """SIGTERM and SIGINT set the stop flag (call from the main thread, where Python runs handlers)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
 
-    epoch = {"now": (welcome.run_id, welcome.epoch)}
+    def _on_signal(self, *_: Any) -> None:
+        # Only the flag: the handler runs between two bytecodes of whatever the main thread is doing.
+        # Every wait of the loop looks at it every POLL_S, and a generation in progress is abandoned:
+        # it may run for minutes, and its leases are worth more back in the queue (another actor
+        # takes them now) than finished here after the operator asked us to go.
+        self.stop.set()
 
-    def on_welcome(w) -> None:
-        # A learner restarted from a checkpoint (a new epoch), or started afresh without one (a new
-        # run id, epoch 0 again), may retrain versions we hold with other weights: whatever we hold
-        # came from a history it no longer has, so pull its current version.
-        if (w.run_id, w.epoch) != epoch["now"]:
-            log.warning("actor.new_epoch", held=held["version"], learner=w.version, epoch=w.epoch, run_id=w.run_id)
-            epoch["now"] = (w.run_id, w.epoch)
-            held["version"] = -1
-            sync.reset()
-        if w.max_model_len > engine.max_model_len:  # a restarted learner with longer stages or prompts
+    def run(self) -> int:
+        """Join the run, work lease after lease until Wait(done) or the stop flag, then leave.
+        Returns the exit code: 0, or 2 when this actor's settings do not fit the run."""
+        try:
+            welcome = self._connect()
+            if welcome is None:
+                return 0
+            why = context_error(self.a.max_model_len, welcome.max_model_len, self.a.tensor_parallel_size, self.a.engine)
+            if why:  # a bad setting: say which, and leave before building an engine
+                log.error("actor.refused", error=why)
+                return 2
+            self._start_engine(welcome)
+            while not self.stop.is_set() and self.cycle():
+                pass
+            return 0
+        finally:
+            self._leave()
+
+    def _connect(self) -> Welcome | None:
+        """Hello until the Welcome (None: stopped before the learner answered)."""
+        log.info("actor.connecting", learner=self.a.learner)
+        while not self.stop.is_set():
+            try:
+                welcome = self.client.connect(timeout=CONNECT_POLL_S)
+            except TimeoutError:
+                continue
+            log.info("actor.welcome", run_id=welcome.run_id, epoch=welcome.epoch, version=welcome.version,
+                     model=self.a.model or welcome.model)
+            return welcome
+        return None
+
+    def _start_engine(self, welcome: Welcome) -> None:
+        self.engine = self._make_engine(self.a.model or welcome.model, self.a, welcome.max_model_len or None)
+        log.info("actor.engine", engine=type(self.engine).__name__, max_model_len=self.engine.max_model_len,
+                 run_needs=welcome.max_model_len)
+        self._engine_thread = EngineThread()
+        self.sync.start()
+
+    def _leave(self) -> None:
+        """Give the held leases back, say Bye, stop the sync and the relay, close the engine."""
+        if self.held_leases:
+            self._release(sorted(self.held_leases))
+        self.sync.stop()
+        self.client.close(bye="shutdown")
+        if self.relay is not None:
+            self.relay.stop()
+        self._close_engine()
+
+    def _close_engine(self) -> None:
+        """Close the engine on its thread, unless an abandoned generation still runs on it after
+        `abort_grace_s`: then the process exit frees it."""
+        if self.engine is None or self._engine_thread is None:
+            return
+        if self._abandoned is not None and not self._abandoned.wait(timeout=self.abort_grace_s):
+            log.info("actor.engine_left_running", why="the aborted generation has not ended; the process exit frees it")
+            return
+        self._engine_thread.run(self.engine.close)
+        self._engine_thread.stop()
+
+    # --- the bus client's thread --------------------------------------------------------------
+
+    def _hello(self) -> Hello:
+        return Hello(role=ROLE_ACTOR, worker_id=self.worker_id, host=socket.gethostname(), host_id=shm.host_id(),
+                     capacity=self.a.max_groups, weight_version=self.held_version, relay_endpoint=self.relay_endpoint)
+
+    def _heartbeat_stats(self) -> dict[str, float]:
+        return self.stats.as_metrics(self.held_version, self.sync.stats)
+
+    def _on_welcome(self, w: Welcome) -> None:
+        """Every (re)Welcome. A learner restarted from a checkpoint (a new epoch), or started afresh
+        without one (a new run id, epoch 0 again), may retrain versions we hold with other weights:
+        whatever we hold came from a history it no longer has, so pull its current version."""
+        if self.epoch is not None and (w.run_id, w.epoch) != self.epoch:
+            log.warning("actor.new_epoch", held=self.held_version, learner=w.version, epoch=w.epoch, run_id=w.run_id)
+            self.sync.reset()
+        self.epoch = (w.run_id, w.epoch)
+        engine = self.engine
+        if engine is not None and w.max_model_len > engine.max_model_len:  # a restarted learner with longer stages
             log.warning("actor.context_short", max_model_len=engine.max_model_len, run_needs=w.max_model_len,
                         fix="restart this actor (it sizes its engine at start)")
 
-    client.on_welcome(on_welcome)
+    # --- one lease cycle ----------------------------------------------------------------------
 
-    def load(store) -> None:
-        t0 = time.perf_counter()
-        m = engine.load_weights(named_tensors(store), store.manifest.version)
-        held["version"] = sync.held_version = store.manifest.version
-        stats.load_s = m.get("weights/load_s", time.perf_counter() - t0)
-        stats.pause_s = time.perf_counter() - t0
-        log.info("weights.loaded", version=held["version"], load_s=round(stats.load_s, 3))
+    def cycle(self) -> bool:
+        """One lease: load what the sync finished, ask for a lease, obey the reply. False when the
+        actor is done: the run ended (Wait(done)) or the stop flag was set."""
+        self._load(self.sync.ready())
+        if self.stop.is_set():
+            return False
+        reply = self._request_lease()
+        if reply is None:
+            return True
+        if isinstance(reply, Wait):
+            return self._obey(reply)
+        return self._work(reply)
 
-    held_leases: set[int] = set()
-    interrupted = False
-    try:
-        while not stop.is_set():
-            store = sync.ready()
-            if store is not None:
-                load(store)
-            reply = _lease(client, a.max_groups, held["version"], stop)
-            if reply is None:
-                continue
-            if isinstance(reply, Wait):
-                if reply.reason == WAIT_DONE:
-                    log.info("actor.done")
-                    break
-                t0 = time.perf_counter()
-                if reply.reason == WAIT_WEIGHTS:
-                    sync.want(reply.min_version)
-                    store = sync.wait_for(reply.min_version, timeout=max(reply.retry_after_s, 5.0))
-                    if store is not None:
-                        load(store)
-                else:
-                    stop.wait(reply.retry_after_s)
-                stats.idle_s += time.perf_counter() - t0
-                continue
-            lease: Lease = reply
-            held_leases.add(lease.lease_id)
-            if held["version"] < lease.min_version:  # the learner checks too; never generate with older weights
-                sync.want(lease.min_version)
-                store = sync.wait_for(lease.min_version, timeout=lease.deadline_s)
-                if store is None:
-                    client.send(Release(lease_ids=[lease.lease_id]))
-                    held_leases.discard(lease.lease_id)
-                    continue
-                load(store)
-            log.info("actor.generating", lease_id=lease.lease_id, groups=len(lease.prompts), version=held["version"])
-            generating["now"] = True
-            groups = _generate(engine, lease, held["version"], stats)
-            generating["now"] = False
-            _submit(client, lease, groups)
-            held_leases.discard(lease.lease_id)
-    except Shutdown:
-        interrupted = True
-        log.info("actor.interrupted", leases=sorted(held_leases))
-    finally:
-        generating["now"] = False
-        if held_leases:
-            client.send(Release(lease_ids=sorted(held_leases)))
-            log.info("actor.released", leases=sorted(held_leases))
-        sync.stop()
-        client.close(bye="shutdown")
-        if relay is not None:
-            relay.stop()
-        if not interrupted:
-            engine.close()  # an interrupted engine may be mid-step: the process exit frees it
-    return 0
-
-
-class Shutdown(Exception):
-    """Raised by the signal handler inside a generation to leave it at once."""
-
-
-def _lease(client: Client, max_groups: int, version: int, stop: threading.Event) -> Lease | Wait | None:
-    try:
-        reply = client.request(LeaseRequest(max_groups=max_groups, weight_version=version), timeout=REQUEST_TIMEOUT_S)
-    except (TimeoutError, RemoteError) as e:
-        log.warning("actor.lease_failed", error=str(e))
-        stop.wait(1.0)
-        return None
-    return reply if isinstance(reply, (Lease, Wait)) else None
-
-
-def _generate(engine, lease: Lease, version: int, stats: ActorStats) -> list[Group]:
-    t0 = time.perf_counter()
-    outs = engine.generate([p.token_ids for p in lease.prompts], lease.sampling)
-    dt = time.perf_counter() - t0
-    groups = []
-    for prompt, samples in zip(lease.prompts, outs):
-        groups.append(Group(prompt_id=prompt.prompt_id, weight_version=version, samples=[
-            Sample(token_ids=s.token_ids, logprobs=s.logprobs, finish_reason=s.finish_reason, text=s.text)
-            for s in samples]))
-        stats.tokens += sum(len(s.token_ids) for s in samples)
-    stats.gen_s += dt
-    stats.groups += len(groups)
-    stats.leases += 1
-    log.info("actor.generated", lease_id=lease.lease_id, groups=len(groups), gen_s=round(dt, 3),
-             tokens=sum(len(s.token_ids) for g in groups for s in g.samples))
-    return groups
-
-
-def _submit(client: Client, lease: Lease, groups: list[Group]) -> None:
-    msg = Submit(lease_id=lease.lease_id, epoch=lease.epoch, groups=groups)
-    for attempt in range(3):
+    def _request_lease(self) -> Lease | Wait | None:
+        msg = LeaseRequest(max_groups=self.a.max_groups, weight_version=self.held_version)
         try:
-            ack = client.request(msg, timeout=REQUEST_TIMEOUT_S)
-        except TimeoutError:
-            continue
-        except RemoteError as e:  # e.g. a restarted learner refuses an old epoch's lease: drop it
-            log.warning("actor.submit_refused", lease_id=lease.lease_id, error=str(e))
+            reply = self.client.request(msg, timeout=REQUEST_TIMEOUT_S)
+        except (TimeoutError, RemoteError) as e:
+            log.warning("actor.lease_failed", error=str(e))
+            self._pause(1.0)
+            return None
+        return reply if isinstance(reply, (Lease, Wait)) else None
+
+    def _obey(self, wait: Wait) -> bool:
+        if wait.reason == WAIT_DONE:
+            log.info("actor.done")
+            return False
+        t0 = time.perf_counter()
+        if wait.reason == WAIT_WEIGHTS:
+            self.sync.want(wait.min_version)
+            self._load(self._wait_version(wait.min_version, timeout=max(wait.retry_after_s, 5.0)))
+        else:
+            self._pause(wait.retry_after_s)
+        self.stats.idle_s += time.perf_counter() - t0
+        return True
+
+    def _work(self, lease: Lease) -> bool:
+        """Generate the lease with weights ≥ its min_version and submit it; give it back when those
+        weights do not come in time. False when stopped in the middle of the generation."""
+        self.held_leases.add(lease.lease_id)
+        if not self._weights_for(lease):
+            self._release([lease.lease_id])
+            return True
+        groups = self._generate(lease)
+        if groups is None:
+            return False
+        self._submit(lease, groups)
+        self.held_leases.discard(lease.lease_id)
+        return True
+
+    def _weights_for(self, lease: Lease) -> bool:
+        """Hold weights ≥ the lease's min_version (the learner checks too; we never generate with
+        older ones): wait up to its deadline for the sync to bring them. False if they did not come."""
+        if self.held_version >= lease.min_version:
+            return True
+        self.sync.want(lease.min_version)
+        store = self._wait_version(lease.min_version, timeout=lease.deadline_s)
+        if store is None:
+            return False
+        self._load(store)
+        return self.held_version >= lease.min_version
+
+    # --- the engine ---------------------------------------------------------------------------
+
+    def _load(self, store: "WeightStore | None") -> None:
+        if store is None:
             return
-        if isinstance(ack, SubmitAck) and ack.rejected:
-            log.warning("actor.submit_partly_rejected", lease_id=lease.lease_id, rejected=ack.rejected, reason=ack.reason)
-        return
-    log.warning("actor.submit_lost", lease_id=lease.lease_id)
+        assert self.engine is not None and self._engine_thread is not None
+        version = store.manifest.version
+        t0 = time.perf_counter()
+        m = self._engine_thread.run(self.engine.load_weights, named_tensors(store), version)
+        self.sync.loaded(version)
+        self.stats.load_s = m.get("weights/load_s", time.perf_counter() - t0)
+        self.stats.pause_s = time.perf_counter() - t0
+        log.info("weights.loaded", version=version, load_s=round(self.stats.load_s, 3))
+
+    def _generate(self, lease: Lease) -> list[Group] | None:
+        """The lease's groups, tagged with the held version; None when the stop flag came first
+        (the engine is told to abort, and the generation is abandoned to it)."""
+        assert self.engine is not None and self._engine_thread is not None
+        version = self.held_version
+        log.info("actor.generating", lease_id=lease.lease_id, groups=len(lease.prompts), version=version)
+        t0 = time.perf_counter()
+        call = self._engine_thread.submit(self.engine.generate, [p.token_ids for p in lease.prompts], lease.sampling)
+        if not call.wait(self.stop):
+            log.info("actor.interrupted", leases=sorted(self.held_leases))
+            self.engine.abort()
+            self._abandoned = call
+            return None
+        return self._groups(lease, call.result(), version, time.perf_counter() - t0)
+
+    def _groups(self, lease: Lease, outs: "list[list[GenSample]]", version: int, gen_s: float) -> list[Group]:
+        groups = [Group(prompt_id=prompt.prompt_id, weight_version=version, samples=[
+                      Sample(token_ids=s.token_ids, logprobs=s.logprobs, finish_reason=s.finish_reason, text=s.text)
+                      for s in samples])
+                  for prompt, samples in zip(lease.prompts, outs)]
+        tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
+        self.stats.tokens += tokens
+        self.stats.gen_s += gen_s
+        self.stats.groups += len(groups)
+        self.stats.leases += 1
+        log.info("actor.generated", lease_id=lease.lease_id, groups=len(groups), gen_s=round(gen_s, 3), tokens=tokens)
+        return groups
+
+    # --- the learner ----------------------------------------------------------------------------
+
+    def _submit(self, lease: Lease, groups: list[Group]) -> None:
+        msg = Submit(lease_id=lease.lease_id, epoch=lease.epoch, groups=groups)
+        for _ in range(3):
+            try:
+                ack = self.client.request(msg, timeout=REQUEST_TIMEOUT_S)
+            except TimeoutError:
+                continue
+            except RemoteError as e:  # e.g. a restarted learner refuses an old epoch's lease: drop it
+                log.warning("actor.submit_refused", lease_id=lease.lease_id, error=str(e))
+                return
+            if isinstance(ack, SubmitAck) and ack.rejected:
+                log.warning("actor.submit_partly_rejected", lease_id=lease.lease_id, rejected=ack.rejected,
+                            reason=ack.reason)
+            return
+        log.warning("actor.submit_lost", lease_id=lease.lease_id)
+
+    def _release(self, lease_ids: list[int]) -> None:
+        """Give leases back unfinished: the learner requeues their prompts at once."""
+        self.client.send(Release(lease_ids=lease_ids))
+        self.held_leases.difference_update(lease_ids)
+        log.info("actor.released", leases=lease_ids)
+
+    # --- waiting (in slices: the stop flag is read, never waited on; see the module doc) --------
+
+    def _wait_version(self, version: int, timeout: float) -> "WeightStore | None":
+        """The sync's store of at least `version`, or None after `timeout` s or on stop."""
+        deadline = time.monotonic() + timeout
+        while not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            store = self.sync.wait_for(version, timeout=min(left, POLL_S))
+            if store is not None:
+                return store
+        return None
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, POLL_S))

@@ -20,6 +20,10 @@ Shared rules, so the two engines agree sample for sample where they can:
   function of the ids in both engines.
 - temperature 0 means greedy (tests; n greedy samples are identical); RL samples at temperature > 0.
 Bad input raises ValueError with a one-line reason before the engine is touched.
+
+Threads: the actor makes every call of one engine from one thread of its own
+(`actors.engine_thread.EngineThread`), except `abort`, which comes from the actor's main thread while
+a generation runs, so that a stop never waits for a generation of minutes to end.
 """
 
 from __future__ import annotations
@@ -64,7 +68,17 @@ class Engine(Protocol):
         """Replace every weight in place (all or none); returns {"weights/load_s": seconds}."""
         ...
 
+    def abort(self) -> None:
+        """Stop generating, from any thread: a `generate` in progress ends as soon as the engine can
+        safely stop it and raises GenerationAborted, as does every later call. The actor calls it
+        only when it leaves in the middle of a generation."""
+        ...
+
     def close(self) -> None: ...
+
+
+class GenerationAborted(RuntimeError):
+    """`generate` was stopped by `Engine.abort` (its partial output is thrown away)."""
 
 
 def vllm_available() -> bool:

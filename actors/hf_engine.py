@@ -16,6 +16,10 @@ Seeds: the RNG is seeded with the prompt's seed inside `torch.random.fork_rng`, 
 global RNG is untouched; the samples of one prompt then draw from that one stream (not vLLM's
 per-sample streams: the two engines are each reproducible, not identical to each other).
 
+Abort: `abort()` sets an event that a StoppingCriteria reads after every token, so a generation
+stopped from another thread ends within one decoding step and raises GenerationAborted (its partial
+samples are dropped); an aborted engine generates no more.
+
 Weights: `load_state_dict(strict=True)` after checking names and shapes (all or none); a tied model
 may omit `lm_head.weight` (it is the embedding). Tensors of another floating dtype are converted by
 the copy.
@@ -23,6 +27,7 @@ the copy.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -30,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actors.engine import (
+    GenerationAborted,
     GenSample,
     check_request,
     decode_texts,
@@ -72,6 +78,8 @@ class HFEngine:
         self._end_ids = end_token_ids(model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._end_ids)
+        self._aborted = threading.Event()
+        self._stopping = _abort_criteria(self._aborted)
         self.startup_s = time.perf_counter() - t0
 
     def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
@@ -81,13 +89,15 @@ class HFEngine:
     def _generate_one(self, prompt: list[int], s: SamplingSpec, seed: int | None) -> list[GenSample]:
         import torch
 
+        self._check_aborted()
         budget = response_budget(len(prompt), s.max_tokens, self.max_model_len)
         x = torch.tensor([prompt] * s.n, dtype=torch.long, device=self.device)
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(x, attention_mask=torch.ones_like(x),
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), stopping_criteria=self._stopping,
                                       generation_config=self._gen_config(s, budget))
+        self._check_aborted()
         new = out.sequences[:, len(prompt):]  # [n, steps]
         scores = torch.stack(out.scores, dim=1).float()  # [n, steps, V] processed logits
         logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1).cpu()
@@ -124,5 +134,24 @@ class HFEngine:
         self.version = version
         return {"weights/load_s": time.perf_counter() - t0}
 
+    def abort(self) -> None:
+        self._aborted.set()
+
+    def _check_aborted(self) -> None:
+        if self._aborted.is_set():
+            raise GenerationAborted("the engine was aborted")
+
     def close(self) -> None:
         self.model = None
+
+
+def _abort_criteria(flag: threading.Event) -> Any:
+    """A StoppingCriteriaList that ends every sequence of a `generate` once `flag` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Aborted(StoppingCriteria):
+        def __call__(self, input_ids: "torch.LongTensor", scores: Any, **kwargs: Any) -> "torch.BoolTensor":
+            return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Aborted()])

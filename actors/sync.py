@@ -42,14 +42,17 @@ class SyncStats:
 
 class WeightSync:
     """Owns the pull thread. `ready()` hands the newest complete store to the run loop (once);
-    `wait_for(version)` blocks until a store of at least that version is there."""
+    `wait_for(version)` blocks until a store of at least that version is there; the run loop says
+    what it loaded with `loaded(version)`. The held version is read by the pull thread, the bus
+    client's thread (Hello, heartbeat stats, a new epoch's `reset`) and the run loop, so it lives
+    under the lock."""
 
     def __init__(self, client: Client, bus: BusConfig, relay: WeightServer | None = None, curve=None):
         self.client = client
         self.curve = curve
         self.bus = bus
         self.relay = relay
-        self.held_version = -1  # version loaded into the engine (set by the run loop)
+        self._held = -1  # version loaded into the engine (`loaded`), under _cv
         self.stats = SyncStats()
         self.problem = ""  # one line for `or1 status` while pulls keep failing ("" = fine)
         self._failed_in_row = 0
@@ -70,10 +73,21 @@ class WeightSync:
         with self._cv:
             self._cv.notify_all()
 
+    @property
+    def held_version(self) -> int:
+        """The version loaded into the engine (-1: none yet, or forgotten by `reset`)."""
+        with self._cv:
+            return self._held
+
+    def loaded(self, version: int) -> None:
+        """The run loop loaded `version` into the engine."""
+        with self._cv:
+            self._held = version
+
     def reset(self) -> None:
         """Forget what is held (the learner restarted behind us): the next wanted version is its latest."""
         with self._cv:
-            self.held_version = -1
+            self._held = -1
             self._want = -1
             self._handed = -1
             self._store = None
@@ -83,11 +97,10 @@ class WeightSync:
         """The newest complete store newer than the held version, handed over once."""
         with self._cv:
             store, self._store = self._store, None
-            if store is not None:
-                self._handed = max(self._handed, store.manifest.version)
-        if store is not None and store.manifest.version <= self.held_version:
-            return None
-        return store
+            if store is None:
+                return None
+            self._handed = max(self._handed, store.manifest.version)
+            return store if store.manifest.version > self._held else None
 
     def wait_for(self, version: int, timeout: float) -> WeightStore | None:
         """Block until a complete store with version ≥ `version` is there (or timeout)."""
@@ -113,7 +126,7 @@ class WeightSync:
     def _wanted(self) -> int:
         with self._cv:
             # a store handed to the run loop but not loaded yet counts as held: don't pull it twice
-            have = max(self.held_version, self._handed, self._store.manifest.version if self._store else -1)
+            have = max(self._held, self._handed, self._store.manifest.version if self._store else -1)
             latest = max(self.client.server_version, self._want)
         return latest if latest > have else -1
 

@@ -36,6 +36,17 @@ Text is decoded afterwards in one batched tokenizer call (`actors.engine.decode_
 by vLLM's per-token incremental detokenizer, which also decodes every log-prob token and withholds a
 trailing incomplete UTF-8 sequence, so its text is not always `decode(ids)`.
 
+Abort: `vllm.LLM` is not thread-safe, so `abort()` (called from the actor's main thread while the
+engine thread generates) touches no vLLM object: it sets an event. `LLM.generate` runs its requests
+by calling `llm_engine.step()` until none is unfinished; that engine's `step` is wrapped (an instance
+attribute) to raise GenerationAborted instead once the event is set, so the generating thread
+itself leaves at the next step boundary, with nothing of vLLM running concurrently. The aborted
+requests stay inside the engine and are never collected: an aborted engine generates no more, and
+is then closed or freed by the process exit (vLLM's own exit handlers shut its engine core down; TP
+workers exit when the death pipe to this process closes). Were a future vLLM to stop calling
+`llm_engine.step` from `generate`, the wrapper would simply never run: the generation would then
+be left to the process exit, which is safe too.
+
 Weights: `reload_weights(weights_iterator=..., is_checkpoint_format=True)` on the worker(s) — vLLM's
 layerwise in-place reload, which re-runs each layer's post-load processing (the CPU backend repacks
 linear weights, so the model's own `load_weights` would write into stale buffers) and copies the
@@ -55,6 +66,7 @@ it away), else a copy written once for the load. Every worker maps it and reload
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -62,6 +74,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actors.engine import (
+    GenerationAborted,
     GenSample,
     check_request,
     decode_texts,
@@ -104,6 +117,8 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self._end_ids = end_token_ids(model, self.tokenizer)
         self.llm = _build_llm(model, cfg, extra)
+        self._aborted = threading.Event()
+        _stop_steps_on(self.llm.llm_engine, self._aborted)
         # the CPU all-reduce segments in /dev/shm that vLLM does not remove itself (see close)
         tp = self.tensor_parallel_size
         self._dist_idents = set(self.llm.collective_rpc("or1_dist_ident")) if tp > 1 else set()
@@ -131,6 +146,8 @@ class VLLMEngine:
         return inputs, params
 
     def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
+        if self._aborted.is_set():
+            raise GenerationAborted("the engine was aborted")
         if not prompts:
             return []
         inputs, params = self.request(prompts, sampling)
@@ -186,6 +203,10 @@ class VLLMEngine:
                 os.close(fd)
             wf.close()
 
+    def abort(self) -> None:
+        """See the module doc: the generating thread stops at its next engine step."""
+        self._aborted.set()
+
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
@@ -193,6 +214,22 @@ class VLLMEngine:
             del llm
         for ident in getattr(self, "_dist_idents", ()):
             _remove_cpu_shm(ident)
+
+
+def _stop_steps_on(llm_engine: Any, flag: threading.Event) -> None:
+    """Wrap `llm_engine.step` so that, once `flag` is set, the next step raises GenerationAborted on
+    the thread that steps (see the module doc). The engine is held weakly: the wrapper lives on it,
+    and a reference cycle would leave freeing it (and its finalizer) to the garbage collector."""
+    import weakref
+
+    step, engine = type(llm_engine).step, weakref.ref(llm_engine)
+
+    def step_unless_aborted() -> Any:
+        if flag.is_set():
+            raise GenerationAborted("the engine was aborted")
+        return step(engine())
+
+    llm_engine.step = step_unless_aborted
 
 
 def _copy(s: GenSample) -> GenSample:

@@ -96,3 +96,26 @@ def test_folder_generation_config_does_not_shape_sampling(tiny_model, actor_cfg,
     for p, g in zip(prompts, eng.generate(prompts, GREEDY)):
         table = reference_logprobs(eng.model, p, g[0].token_ids, 1.0, 1.0, full=True)
         assert g[0].token_ids.tolist() == table.argmax(-1).tolist()
+
+
+def test_abort_ends_a_generation_at_the_next_token(eos_model, actor_cfg, prompts):
+    """abort() from inside the 3rd decoding step (as the actor calls it from another thread): that
+    generate stops after its 3rd token and raises, and the engine generates no more."""
+    from actors.engine import GenerationAborted
+
+    eng = HFEngine(str(eos_model), actor_cfg)  # its own: an aborted engine stays aborted
+    steps = []
+
+    def on_forward(*_):
+        steps.append(1)
+        if len(steps) == 3:
+            eng.abort()
+
+    eng.model.register_forward_hook(on_forward)
+    spec = SamplingSpec(n=2, temperature=0.0, max_tokens=6)  # prompts[1] runs to the length limit here
+    with pytest.raises(GenerationAborted):
+        eng.generate(prompts[1:2], spec)
+    assert len(steps) == 3
+    with pytest.raises(GenerationAborted):
+        eng.generate(prompts[1:2], spec)
+    assert len(steps) == 3

@@ -1,0 +1,324 @@
+"""The actor as an object (actors/actor.py `Actor`), in one process, against a real learner side:
+the bus `Server` with `LearnerService` and `Scheduler`, and a `WeightServer` publishing versions
+(what learner/run.py `_serve_and_train` wires, without the trainer). The engine is a fake; the test
+plays the learner's training loop (score, take a batch, publish, advance) and reads the ledger
+events the scheduler emits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from actors.actor import Actor
+from actors.engine import GenerationAborted, GenSample
+from bus.client import Client
+from bus.messages import (
+    FINISH_STOP, ROLE_ACTOR, ROLE_REWARD, Hello, LeaseRequest, Ready, SamplingSpec, ScoreOut, ScoreRequest,
+    ScoreResult,
+)
+from bus.server import Server
+from bus.weights.server import WeightServer
+from bus.weights.store import WeightStore
+from common.config import load_config
+from learner.scheduler import Prompt, Scheduler
+from learner.service import LearnerService
+
+RUN_LEN = 64  # the context the learner announces
+MODEL = "fake-model"
+
+
+class FakeEngine:
+    """The Engine contract without a model: every sample is the tokens 5 6 7 ending "stop". With
+    `block`, generate waits until aborted (or, with `ignore_abort`, until `unblock` is set)."""
+
+    def __init__(self, block: bool = False, ignore_abort: bool = False):
+        self.version = -1
+        self.max_model_len = RUN_LEN
+        self.block, self.ignore_abort = block, ignore_abort
+        self.loads: list[int] = []
+        self.generated: list[int] = []  # the version held at each generate call
+        self.generating = threading.Event()
+        self.aborted = threading.Event()
+        self.unblock = threading.Event()
+        self.closed = False
+
+    def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
+        self.generated.append(self.version)
+        self.generating.set()
+        if self.block:
+            (self.unblock if self.ignore_abort else self.aborted).wait(30)
+        if self.aborted.is_set() and not self.ignore_abort:
+            raise GenerationAborted("aborted")
+        return [[GenSample(np.array([5, 6, 7], np.int32), np.full(3, -0.5, np.float32), FINISH_STOP, "x")
+                 for _ in range(sampling.n)] for _ in prompts]
+
+    def load_weights(self, named, version: int) -> dict[str, float]:
+        assert named.store.manifest.version == version  # the store the sync pulled, as zero-copy views
+        self.loads.append(version)
+        self.version = version
+        return {"weights/load_s": 0.0}
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Learner:
+    """The learner's serving side in this process. `publish(v)` serves version v's weights (each
+    version's one tensor holds v); `step()` is `train_one` without the trainer."""
+
+    def __init__(self, *, eta: int = 0, lease_timeout_s: float = 600.0, publish_first: bool = True):
+        self.cfg = load_config(overrides=[
+            "bus.heartbeat_s=0.2", "bus.shared_memory=false", f"learner.max_staleness={eta}",
+            "learner.lease_groups=2", f"learner.lease_timeout_s={lease_timeout_s}",
+            "learner.stages=[{steps=50, max_response_tokens=8, prompts_per_batch=2, group_size=2}]",
+            "actor.max_groups=2", "actor.worker_id=act",
+        ])
+        self.events: list[dict] = []
+        prompts = [Prompt(f"p{i}", np.array([1, 2, 3 + i], np.int32), "math", "1") for i in range(8)]
+        self.scheduler = Scheduler.from_config(prompts, self.cfg.learner, 0, on_event=self.events.append)
+        self.weights = WeightServer("tcp://127.0.0.1:0")
+        if publish_first:
+            self.publish(0)
+        self.service = LearnerService(self.cfg, self.scheduler, run_id="run", model=MODEL,
+                                      weights_endpoint=self.weights.endpoint, max_model_len=RUN_LEN)
+        self.server = Server("tcp://127.0.0.1:0", heartbeat_s=0.2, liveness=50)  # a gone peer said Bye
+        self.service.attach(self.server)
+        self.server.start()
+        self.cfg.actor.learner = self.server.endpoint
+
+    def publish(self, version: int) -> None:
+        self.weights.publish(WeightStore.from_arrays(version, [("w", np.full(4, version, np.float32))]))
+
+    def step(self) -> int:
+        """Wait for a batch of scored groups, publish the next version, advance: the new version."""
+        batch = self.service.next_batch(threading.Event())
+        assert batch is not None
+        self.publish(batch.version + 1)
+        self.service.step_done(batch.version + 1)
+        return batch.version + 1
+
+    def seen(self, event: str, **fields) -> list[dict]:
+        return [e for e in list(self.events) if e["event"] == event and all(e.get(k) == v for k, v in fields.items())]
+
+    def actors(self) -> list:
+        return [p for p in self.server.peers() if p.role == ROLE_ACTOR]
+
+    def close(self) -> None:
+        self.server.stop()
+        self.weights.stop()
+
+
+class Scorer:
+    """A reward worker on the bus: each group's samples get rewards 0, 1, 0, … (a useful group)."""
+
+    def __init__(self, endpoint: str):
+        self.client = Client(endpoint, lambda: Hello(role=ROLE_REWARD, worker_id="rw"), heartbeat_s=0.2)
+        self.client.connect(timeout=10)
+        self.client.send(Ready(credits=1000))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            msg = self.client.recv(timeout=0.05)
+            if isinstance(msg, ScoreRequest):
+                results = [ScoreOut(reward=float(i % 2)) for i in range(len(msg.items))]
+                self.client.send(ScoreResult(request_id=msg.request_id, results=results))
+                self.client.send(Ready(credits=1000))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.close()
+
+
+class Running:
+    """An Actor with a fake engine, running on a thread of its own (as `or1 actor` runs it on the
+    main thread); `made` records the arguments its engine was built with."""
+
+    def __init__(self, learner: Learner, engine: FakeEngine, cfg=None):
+        self.engine, self.made = engine, []
+        self.actor = Actor(cfg or learner.cfg, make_engine=self._make)
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _make(self, model, a, max_model_len):
+        self.made.append((model, max_model_len))
+        return self.engine
+
+    def _run(self) -> None:
+        self.code = self.actor.run()
+
+    def stop(self, timeout: float = 10.0) -> float:
+        """Set the stop flag; seconds until run() returned."""
+        t0 = time.monotonic()
+        self.actor.stop.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the actor did not stop"
+        return time.monotonic() - t0
+
+
+def until(cond, timeout: float = 15.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what or cond}")
+
+
+@pytest.fixture
+def learner():
+    made: list[Learner] = []
+
+    def make(**kw) -> Learner:
+        made.append(Learner(**kw))
+        return made[-1]
+
+    yield make
+    for x in made:
+        x.close()
+
+
+def test_leases_are_generated_and_submitted_with_the_held_version(learner):
+    ln = learner()
+    run = Running(ln, FakeEngine())
+    try:
+        accepts = until(lambda: len(ln.seen("accept")) >= 2 and ln.seen("accept"), what="two accepted groups")
+        assert run.made == [(MODEL, RUN_LEN)]  # built after the Welcome, from what the learner announced
+        assert run.engine.loads[0] == 0 and run.engine.generated[0] == 0
+        assert all(e["weight_version"] == 0 for e in accepts)
+        assert until(lambda: ln.seen("lease_end", reason="completed"), what="the lease completed")
+        assert run.actor.stats.groups >= 2 and run.actor.stats.tokens >= 2 * 2 * 3
+    finally:
+        run.stop()
+    assert run.code == 0 and run.engine.closed and not run.engine.aborted.is_set()
+    assert until(lambda: not ln.actors(), what="the actor's Bye")
+
+
+def test_a_new_version_is_loaded_before_the_next_lease(learner):
+    """η = 0: after a step the learner answers Wait(weights, 1); the actor pulls and loads version 1,
+    and every group after that is generated and tagged with it."""
+    ln = learner()
+    scorer = Scorer(ln.server.endpoint)
+    run = Running(ln, FakeEngine())
+    try:
+        assert ln.step() == 1
+        until(lambda: ln.seen("accept", weight_version=1), what="a group generated with version 1")
+        assert run.engine.loads[:2] == [0, 1]
+        assert 1 in run.engine.generated
+        leases = {e["lease_id"]: e for e in ln.seen("lease")}
+        for e in ln.seen("accept"):  # never older weights than the lease asked for
+            assert e["weight_version"] >= leases[e["lease_id"]]["min_version"]
+    finally:
+        run.stop()
+        scorer.close()
+
+
+def lie_about_the_held_version(ln: Learner) -> None:
+    """The learner believes the actor holds one version more than its LeaseRequest says, so it may
+    grant a lease whose min_version is above what the actor holds (the path an actor must guard)."""
+    def lease(peer, msg: LeaseRequest):
+        with ln.service.lock:
+            return ln.service.lease(peer, replace(msg, weight_version=msg.weight_version + 1))
+
+    ln.server.on(LeaseRequest, lease)
+
+
+def test_a_lease_above_the_held_version_waits_for_that_version(learner):
+    ln = learner(publish_first=False)  # version 0 is announced, but its weights are held back
+    lie_about_the_held_version(ln)
+    run = Running(ln, FakeEngine())
+    try:
+        (lease,) = until(lambda: ln.seen("lease"), what="a lease")
+        assert lease["min_version"] == 0
+        time.sleep(1.0)
+        assert run.engine.loads == [] and run.engine.generated == []  # no weights ≥ 0 yet: no generation
+        ln.publish(0)
+        until(lambda: ln.seen("accept", lease_id=lease["lease_id"]), what="the lease's groups")
+        assert run.engine.loads[0] == 0 and run.engine.generated[0] == 0
+        assert all(e["weight_version"] == 0 for e in ln.seen("accept", lease_id=lease["lease_id"]))
+    finally:
+        run.stop()
+
+
+def test_a_lease_whose_weights_do_not_come_is_released(learner):
+    ln = learner(publish_first=False, lease_timeout_s=1.0)
+    lie_about_the_held_version(ln)
+    run = Running(ln, FakeEngine())
+    try:
+        (lease,) = until(lambda: ln.seen("lease"), what="a lease")[:1]
+        ends = until(lambda: ln.seen("end", lease_id=lease["lease_id"]), what="the lease's end")
+        assert {e["outcome"] for e in ends} == {"released"}  # given back at its deadline, not expired later
+        assert run.engine.generated == []
+    finally:
+        run.stop()
+
+
+@pytest.mark.parametrize("ignore_abort", [False, True])
+def test_stop_during_a_generation_releases_the_leases_at_once(learner, ignore_abort):
+    """The stop flag (what SIGTERM sets) in the middle of a long generation: the engine is told to
+    abort, the held lease goes back with Release and the actor says Bye at once, without waiting
+    for the generation. An engine that honours abort is closed once it has stopped; one that does
+    not is left to the process exit, never closed under a running generation."""
+    ln = learner()
+    run = Running(ln, FakeEngine(block=True, ignore_abort=ignore_abort))
+    run.actor.abort_grace_s = 0.5
+    try:
+        assert run.engine.generating.wait(15)
+        (lease,) = ln.seen("lease")
+        took = run.stop()
+        assert took < 3.0 and run.code == 0
+        assert run.engine.aborted.is_set()
+        ends = until(lambda: ln.seen("end", lease_id=lease["lease_id"]), timeout=2, what="the lease's end")
+        assert {e["outcome"] for e in ends} == {"released"}
+        until(lambda: not ln.actors(), timeout=1, what="the actor's Bye")  # liveness would take 10 s
+        assert run.engine.closed is (not ignore_abort)
+    finally:
+        run.engine.unblock.set()
+
+
+def test_wait_done_ends_the_actor(learner):
+    ln = learner()
+    ln.service.finish()
+    run = Running(ln, FakeEngine())
+    run.thread.join(15)
+    assert not run.thread.is_alive() and run.code == 0
+    assert run.engine.generated == [] and run.engine.closed
+    assert until(lambda: not ln.actors(), what="the actor's Bye")
+
+
+def test_a_context_shorter_than_the_run_is_refused_before_the_engine(learner):
+    ln = learner()
+    cfg = ln.cfg.model_copy(deep=True)
+    cfg.actor.max_model_len = RUN_LEN // 2
+    run = Running(ln, FakeEngine(), cfg=cfg)
+    run.thread.join(15)
+    assert run.code == 2 and run.made == []
+
+
+def test_a_signal_only_sets_the_stop_flag(learner):
+    ln = learner()
+    actor = Actor(ln.cfg, make_engine=lambda *_: FakeEngine())
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        actor.install_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert until(actor.stop.is_set, timeout=5, what="the stop flag")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert actor.run() == 0  # stopped before the Welcome: leaves without building an engine
+    assert actor.engine is None
