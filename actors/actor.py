@@ -48,6 +48,7 @@ from bus.weights import shm
 from bus.weights.server import WeightServer
 from common.config import ActorConfig, Config
 from common.log import get_logger, setup_logging
+from learner.staleness import fresh_enough
 
 if TYPE_CHECKING:
     from actors.engine import Engine, GenSample
@@ -331,15 +332,16 @@ class Actor:
 
     def _weights_for(self, lease: Lease) -> bool:
         """Hold weights ≥ the lease's min_version (the learner checks too; we never generate with
-        older ones): wait up to its deadline for the sync to bring them. False if they did not come."""
-        if self.held_version >= lease.min_version:
+        older ones; the rule is learner/staleness.py's): wait up to its deadline for the sync to bring
+        them. False if they did not come."""
+        if fresh_enough(self.held_version, lease.min_version):
             return True
         self.sync.want(lease.min_version)
         store = self._wait_version(lease.min_version, timeout=lease.deadline_s)
         if store is None:
             return False
         self._load(store)
-        return self.held_version >= lease.min_version
+        return fresh_enough(self.held_version, lease.min_version)
 
     # --- the engine ---------------------------------------------------------------------------
 
