@@ -194,7 +194,7 @@ def main() -> None:
             st = phase_stats(rows(run_dir), start_step, end_step)
             phases.append((eta, st))
             print(f"  eta={eta} steps {start_step + 1}-{end_step}: wall/step {st['wall_s']:.3f} s, "
-                  f"learner wait {st['wait_s']:.3f} s, train {st['step_s']:.3f} s, staleness max "
+                  f"learner wait {st['wait_s']:.3f} s, step {st['step_s']:.3f} s, staleness max "
                   f"{st['stale_max']:.0f}, dropped {st['dropped']:.0f}, kept {st['kept_frac']:.2f}",
                   flush=True)
     finally:

@@ -130,13 +130,14 @@ class Evaluator:
         every = self.cfg.learner.eval.every
         return bool(every) and version > 0 and version % every == 0
 
-    def run(self, group: Any, version: int) -> dict[str, float]:
-        """Evaluate the group's current weights (all ranks take part in the export); eval/* metrics."""
+    def run(self, ranks: Any, version: int) -> dict[str, float]:
+        """Evaluate the current weights of `ranks` (learner.dist.RankGroup: all ranks take part in
+        the export); eval/* metrics."""
         from learner.export import arrays_to_tensors
 
         t0 = time.perf_counter()
         lc, ec = self.cfg.learner, self.cfg.learner.eval
-        exported = group.export_weights(lc.trainer.weights_dtype)
+        exported = ranks.export_weights(lc.trainer.weights_dtype)
         engine, pool = self._resources()
         engine.load_weights(arrays_to_tensors(exported).items(), version)
         del exported

@@ -158,7 +158,7 @@ class Trainer:
         metrics["learner/grad_norm"] = float(np.mean(norms))
         metrics["learner/lr"] = float(self.engine.get_lr()[0])
         metrics["learner/tokens"] = float(total_tokens)
-        metrics["learner/step_s"] = time.perf_counter() - start
+        metrics["learner/train_s"] = time.perf_counter() - start  # the loop times the whole step: step_s
         metrics["learner/fwd_bwd_s"] = fwd_bwd_s  # this rank's forwards + backwards (ZeRO-2/3 reduce inside)
         metrics["learner/optim_s"] = optim_s  # this rank's engine.step() calls (clip, AdamW, ZeRO-0/1 reduce)
         return metrics

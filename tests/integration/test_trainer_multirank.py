@@ -87,19 +87,19 @@ def rank_main(args: argparse.Namespace) -> None:
         assert served == 5, served  # STEP, the refused STEP, EXPORT, SAVE, LOAD
         return
     out = Path(args.out)
-    group = RankGroup(trainer)
+    ranks = RankGroup(trainer)
     per_rank = split_for_ranks(make_samples())
     total = sum(mb.n_tokens for mbs in per_rank for mb in mbs)
-    metrics = group.step(per_rank, total, entropy_coef=0.003)
+    metrics = ranks.step(per_rank, total, entropy_coef=0.003)
     np.savez(out / "grads.npz", **trainer.grads)
     with pytest.raises(ValueError, match="total_tokens"):  # refused on both ranks; the worker carries on
-        group.step(per_rank, total + 1, entropy_coef=0.0)
-    weights = group.export_weights()
-    path = group.save_checkpoint(out / "checkpoints" / "step_000001", {"epoch": 3, "note": "x"})
+        ranks.step(per_rank, total + 1, entropy_coef=0.0)
+    weights = ranks.export_weights()
+    path = ranks.save_checkpoint(out / "checkpoints" / "step_000001", {"epoch": 3, "note": "x"})
     files = sorted(p.name for p in path.iterdir())
     trainer.version = 99
-    client = group.load_checkpoint(path)
-    group.stop()
+    client = ranks.load_checkpoint(path)
+    ranks.stop()
     (out / "result.json").write_text(json.dumps({
         "metrics": metrics, "version": trainer.version, "loaded_client": client,
         "world_size": trainer.world_size, "files": files,

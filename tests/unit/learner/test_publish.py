@@ -9,7 +9,7 @@ from common.config import load_config
 from learner.run import publish, unique_arrays
 
 
-class FakeGroup:
+class FakeRanks:
     """export_weights as the Trainer returns it for tied embeddings: the alias is the same array."""
 
     def __init__(self):
@@ -32,7 +32,7 @@ class FakeServer:
 
 def test_a_tied_alias_is_published_once():
     server = FakeServer()
-    publish(FakeGroup(), server, 7, load_config(overrides=["bus.shared_memory=false"]))
+    publish(FakeRanks(), server, 7, load_config(overrides=["bus.shared_memory=false"]))
     [store] = server.stores
     assert store.version == 7
     assert [t.name for t in store.manifest.tensors] == ["model.embed_tokens.weight", "model.norm.weight"]
