@@ -63,6 +63,7 @@ ABORT_GRACE_S = 5.0  # after leaving the bus, how long an aborted generation may
 RATE_WINDOW_S = 5.0  # actor/tokens_per_s is measured over intervals of at least this (a lease's tokens land at once)
 
 
+@dataclass
 class ActorStats:
     """Counters behind the `actor/*` metrics sent with each heartbeat.
 
