@@ -83,7 +83,7 @@ from e2e_support import (  # noqa: E402
     REQUEUE_OUTCOMES, JsonlTail, check_ledger, last_step, ledger, log_events, make_fleet, metrics, open_leases,
     or1_cli, small_config,
 )
-from procs import or1, stop  # noqa: E402
+from procs import or1, stop, wait_for  # noqa: E402
 
 B, ETA = 4, 1
 HOLD_S = 20.0  # flood hold and SIGSTOP length
@@ -162,13 +162,11 @@ def wait_rows(fleet, n_rows: int, more: int, timeout: float) -> list[dict]:
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    return pred()
+    """`procs.wait_for`, but a timeout returns pred()'s last value instead of raising."""
+    try:
+        return wait_for(pred, timeout, interval)
+    except TimeoutError:
+        return pred()
 
 
 def need_live(fleet) -> None:

@@ -21,36 +21,25 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from learner.order import DatasetOrder, PassCursor
+
 MIX_STREAM = 0x6D6978  # "mix": keeps the draws' stream apart from the per-source permutations
 BLOCK = 1024
 
 
-class _SourceCursor:
-    """One source's seeded per-pass permutation with a cursor."""
+class _SourceCursor(PassCursor):
+    """One source's seeded per-pass permutation with a cursor (key [seed, 1 + its index])."""
 
     def __init__(self, ids: list[str], seed: int, index: int):
-        self.ids, self.seed, self.index = ids, seed, index
-        self.pass_ = self.cursor = 0
-        self._perm = self._permutation()
-
-    def _permutation(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, 1 + self.index, self.pass_]).permutation(len(self.ids))
+        super().__init__(ids, [seed, 1 + index])
 
     def next(self, blocked: Callable[[str], bool]) -> str | None:
         """The next unblocked prompt, or None after one full cycle of blocked ones."""
         for _ in range(len(self.ids)):
-            if self.cursor >= len(self.ids):
-                self.pass_, self.cursor = self.pass_ + 1, 0
-                self._perm = self._permutation()
-            pid = self.ids[self._perm[self.cursor]]
-            self.cursor += 1
+            pid = self.advance()
             if not blocked(pid):
                 return pid
         return None
-
-    def load(self, pass_: int, cursor: int) -> None:
-        self.pass_, self.cursor = int(pass_), int(cursor)
-        self._perm = self._permutation()
 
 
 class MixtureOrder:
@@ -133,8 +122,6 @@ class MixtureOrder:
 def make_order(prompt_sources: Mapping[str, str], weights: Mapping[str, float] | None, seed: int):
     """DatasetOrder for one source (or no weights: the order of a single data set, unchanged), else a
     MixtureOrder. `prompt_sources`: prompt id -> source name, in dataset order."""
-    from learner.order import DatasetOrder
-
     if not weights or len({s for s in prompt_sources.values()}) <= 1:
         return DatasetOrder(list(prompt_sources), seed)
     return MixtureOrder(prompt_sources, weights, seed)

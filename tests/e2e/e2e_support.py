@@ -93,6 +93,14 @@ class Fleet:
     def reward(self, wid: str) -> subprocess.Popen:
         return self.start(wid, "reward", "--learner", self.endpoint, "--worker-id", wid)
 
+    def start_run(self, actors: int = 2, reward_workers: int = 1) -> None:
+        """The usual run: the learner, then reward workers rw0.., then actors actor0.."""
+        self.learner()
+        for i in range(reward_workers):
+            self.reward(f"rw{i}")
+        for i in range(actors):
+            self.actor(f"actor{i}")
+
     def kill(self, name: str) -> None:
         """SIGKILL the process and everything in its session (a node that vanishes)."""
         proc = self.procs[name]

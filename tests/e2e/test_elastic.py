@@ -36,11 +36,7 @@ def test_actors_and_reward_workers_join_and_die_mid_run(tmp_path, tiny_model_dir
                              extra=("bus.shared_memory=false", "bus.relay_fanout=1"))
     fleet = make_fleet(tmp_path, cfg, path)
     try:
-        fleet.learner()
-        fleet.reward("rw0")
-        fleet.reward("rw1")
-        fleet.actor("actor0")
-        fleet.actor("actor1")
+        fleet.start_run(reward_workers=2)
         wait_step(fleet, 2, STARTUP_S)
 
         fleet.actor("actor2")

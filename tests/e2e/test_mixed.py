@@ -28,10 +28,7 @@ def test_mixed_math_and_code_run(tmp_path, tiny_model_dir):
     ))
     fleet = make_fleet(tmp_path, cfg, path)
     try:
-        fleet.learner()
-        fleet.reward("rw0")
-        fleet.actor("actor0")
-        fleet.actor("actor1")
+        fleet.start_run()
         wait_step(fleet, STEPS, STARTUP_S * 2)
         assert fleet.wait_exit("learner", 180) == 0, fleet.tail("learner")
     finally:

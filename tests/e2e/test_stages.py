@@ -46,10 +46,7 @@ def test_two_stage_run(tmp_path, tiny_model_dir):
     save_config(cfg, path)
     fleet = make_fleet(tmp_path, cfg, path)
     try:
-        fleet.learner()
-        fleet.reward("rw0")
-        fleet.actor("actor0")
-        fleet.actor("actor1")
+        fleet.start_run()
         fleet.start("small", "actor", "--learner", fleet.endpoint, "--worker-id", "small",
                     "--set", "actor.max_model_len=20")
         assert fleet.wait_exit("small", STARTUP_S) == 2, fleet.tail("small")

@@ -24,10 +24,7 @@ B = 4
 def start_run(tmp_path, model_dir, *, steps: int, eta: int):
     cfg, path = small_config(tmp_path, model_dir, steps=steps, eta=eta, batch=B)
     fleet = make_fleet(tmp_path, cfg, path)
-    fleet.learner()
-    fleet.reward("rw0")
-    fleet.actor("actor0")
-    fleet.actor("actor1")
+    fleet.start_run()
     return fleet
 
 

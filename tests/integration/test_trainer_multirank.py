@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from samples import train_samples
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
@@ -32,18 +33,7 @@ TEMPERATURE = 0.9
 
 def make_samples(seed: int = 0, n: int = 10):
     """Deterministic samples of mixed lengths with mixed-sign advantages."""
-    from learner.buffer import TrainSample
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        p, r = int(rng.integers(2, 6)), int(rng.integers(2, 9))
-        out.append(TrainSample(prompt_ids=rng.integers(0, 2000, p).astype(np.int32),
-                               response_ids=rng.integers(0, 2000, r).astype(np.int32),
-                               behaviour_logprobs=rng.uniform(-8.5, -6.5, r).astype(np.float32),
-                               advantage=float(rng.normal()), reward=0.0, truncated=False,
-                               weight_version=0, prompt_id=str(i)))
-    return out
+    return train_samples(seed, n, prompt=(2, 6), response=(2, 9))
 
 
 def split_for_ranks(samples):
@@ -144,7 +134,7 @@ def tiny_model(tmp_path_factory):
 def test_two_ranks_three_micro_batches_match_one_batch(stage, tiny_model, tmp_path):
     from procs import free_port  # here: this file also runs as the ranks' script, without tests/ on the path
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(HERE), "--stage", str(stage), "--model", str(tiny_model), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

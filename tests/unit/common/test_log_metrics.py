@@ -1,8 +1,19 @@
 import io
 import json
 
+import pytest
+import structlog
+
 from common.log import get_logger, setup_logging
 from common.metrics import JsonlSink, MultiSink, TensorBoardSink, read_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    """These tests point structlog at their own buffers: put the defaults back, or every later test
+    in this process would log into a dead StringIO (and capsys would see nothing)."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_json_logs_are_bound_with_role_and_worker():

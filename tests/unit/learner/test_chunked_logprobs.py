@@ -13,22 +13,14 @@ from learner import loss as L
 from learner.buffer import TrainSample, build_micro_batch
 from learner.loss import LossInputs, head_logprobs_and_entropy, policy_loss, token_logprobs_and_entropy
 from learner.trainer import Trainer, check_scorable, scoring_forward
+from samples import train_samples
 
 torch.set_num_threads(1)
 TEMPERATURE = 0.8
 
 
 def samples(seed: int, n: int) -> list[TrainSample]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        p, r = int(rng.integers(2, 7)), int(rng.integers(2, 10))
-        out.append(TrainSample(prompt_ids=rng.integers(0, 2000, p).astype(np.int32),
-                               response_ids=rng.integers(0, 2000, r).astype(np.int32),
-                               behaviour_logprobs=rng.uniform(-8.5, -6.5, r).astype(np.float32),
-                               advantage=float(rng.normal()), reward=0.0, truncated=False,
-                               weight_version=0, prompt_id=str(i)))
-    return out
+    return train_samples(seed, n)
 
 
 @pytest.fixture(scope="module")
