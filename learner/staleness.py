@@ -20,8 +20,9 @@ Every place that enforces the rule calls these functions:
 - **the actor** (`actors/actor.py`): never generates with weights that are not
   `fresh_enough(held, lease.min_version)`; it waits for the sync to bring them first.
 
-Pure functions of integers: the hypothesis state machine (tests/unit/learner/test_admission_machine.py)
-drives the scheduler through every path above.
+Pure functions of integers, tested at and around the bound in
+tests/unit/learner/test_staleness_rule.py; the hypothesis state machine
+(tests/unit/learner/test_admission_machine.py) drives the scheduler through every path above.
 """
 
 from __future__ import annotations
