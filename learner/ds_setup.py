@@ -56,7 +56,7 @@ def pick_gloo_interface() -> None:
 
 def init_distributed() -> tuple[int, int]:
     """Join (or start) the process group: env:// from torchrun/deepspeed, or a one-process group
-    on an in-memory store when no launcher set RANK/WORLD_SIZE (no port to pick: a free port found
+    on an in-memory store when no launcher set RANK/WORLD_SIZE/MASTER_ADDR (no port to pick: a free port found
     by binding and releasing it can be taken by another process before the store listens on it,
     which was seen when an actor started beside the learner). gloo on CPU, nccl on GPU."""
     prepare_environment()
@@ -67,7 +67,10 @@ def init_distributed() -> tuple[int, int]:
         from deepspeed.accelerator import get_accelerator
 
         acc = get_accelerator()
-        alone = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ
+        # A launcher (torchrun, deepspeed, Slurm scripts) sets all three. RANK and WORLD_SIZE alone
+        # are ours from an earlier one-process group in this process, which someone tore down
+        # (vLLM's engine shutdown destroys the default group of the process it runs in).
+        alone = not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
         if alone:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -75,10 +78,24 @@ def init_distributed() -> tuple[int, int]:
             pick_gloo_interface()
         if acc.device_name() != "cpu":
             acc.set_device(int(os.environ["LOCAL_RANK"]))
+        _forget_dead_groups()
         if alone:  # DeepSpeed adopts a process group that is already up
             dist.init_process_group(acc.communication_backend_name(), store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _forget_dead_groups() -> None:
+    """DeepSpeed caches groups cloned from the world group (`deepspeed.utils.groups`); after that
+    group was destroyed (by vLLM's shutdown in the same process, say) the cache points at a dead
+    group and the next engine fails ("Group ... is not registered"). Drop the cache before a new
+    group is made. A private DeepSpeed helper: absent in another version, there is nothing to do."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release()
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:

@@ -315,3 +315,16 @@ def test_zero_stage_lifecycle(stage, tiny_model, tmp_path):
     b.train_step(nxt, tokens(nxt), 0.002)
     got = params(b)
     assert b.version == 7 and max(float(np.abs(got[n] - want[n]).max()) for n in want) <= 1e-6
+
+
+def test_a_new_trainer_after_the_process_group_was_torn_down(tiny_model):
+    """vLLM's engine shutdown destroys the default process group of the process it runs in (an
+    in-process eval, a test). The next Trainer makes a new one-process group, and DeepSpeed's cached
+    groups of the dead one are dropped ("Group ... is not registered" otherwise)."""
+    import torch.distributed as dist
+
+    Trainer(tiny_model, config(), temperature=1.0)
+    dist.destroy_process_group()
+    t = Trainer(tiny_model, config(), temperature=1.0)
+    mbs = [build_micro_batch(samples(4, 3))]
+    assert np.isfinite(t.train_step(mbs, tokens(mbs), 0.0)["loss/total"]) and t.version == 1
