@@ -100,6 +100,8 @@ def test_c_d_partition_heals(network, tmp_path, tiny_model_dir, host):
     try:
         run.start_all()
         run.wait_step(5, STARTUP_S)
+        if host != REWARD_HOST:  # the cut actor must have worked before the cut (one may start late)
+            wait_for(lambda: host in run.actor_ids(), 60, interval=0.1, what=f"a lease to the {host} actor")
         grants_before = len(run.ledger())
         t_cut = time.monotonic()
         step_at_cut = run.step()
