@@ -24,7 +24,7 @@ from bus.client import Client, RemoteError
 from bus.messages import ERR_NOT_FOUND, SOURCE_LEARNER, WeightSource
 from bus.weights.pull import attach_shared, fetch_manifest, pull
 from bus.weights.server import WeightServer
-from bus.weights.store import PartialStore, WeightStore
+from bus.weights.store import PartialStore, WeightStore, prepare_next
 from common.config import BusConfig
 from common.log import get_logger
 
@@ -229,6 +229,7 @@ class WeightSync:
         self.stats.transfer_s = transfer_s
         self.stats.retries += retries
         self.stats.receiving_version = -1
+        prepare_next(store)  # the next version lands in memory faulted in while this one is used
         log.info("weights.pulled", version=store.manifest.version, transfer_s=round(transfer_s, 3),
                  shared=store.shared is not None and not store.shared.owner)
         return store

@@ -12,7 +12,7 @@ same host as its file (Shared), so they map it instead of pulling it; a partial 
 complete. Anyone else — another host, a private buffer — gets Error(not_found) at once and pulls
 chunks. Dropping a version the server's process owns in shared memory unlinks its file (mappings
 made before stay valid), and publishing one makes the buffer for the next version in advance
-(``shm.prepare``): a source is sent new versions all run long.
+(``store.prepare_next``): a source is sent new versions all run long.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from bus.messages import (
     Shared,
 )
 from bus.server import NOBLOCK, Outbox, bind_endpoint, bound_endpoint, configure_socket, recv_ready, send_frames
-from bus.weights.store import PartialStore, WeightStore
+from bus.weights.spare import later
+from bus.weights.store import PartialStore, WeightStore, prepare_next
 from common.log import get_logger
 
 if TYPE_CHECKING:
@@ -89,8 +90,8 @@ class WeightServer:
             dropped = [self._stores.pop(v) for v in sorted(self._stores)[:-self.keep_versions]]
         for old in dropped:
             _unlink(old)
-        if store.complete and store.shared is not None and store.shared.owner:
-            shm.prepare(store.manifest.total_bytes)  # a source gets new versions: make the next buffer now
+        if store.complete:
+            prepare_next(store)  # a source gets new versions all run long: make the next buffer now
         self._outbox.put([b"P"])  # lets the thread refuse requests parked on a dropped version
 
     def publish_partial(self, partial: PartialStore) -> None:
@@ -241,4 +242,4 @@ def _unlink(store: "WeightStore | PartialStore", now: bool = False) -> None:
         if now:
             store.shared.unlink()
         else:
-            shm.later(store.shared.unlink)
+            later(store.shared.unlink)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import queue
 import re
 import secrets
 import socket
@@ -42,9 +41,11 @@ import threading
 import weakref
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from bus.weights.spare import Spare
 
 SHM_DIR = Path("/dev/shm")
 _PREFIX = "or1-w-"
@@ -139,78 +140,32 @@ class SharedBuffer:
             self._finalizer()
 
 
-_spare: SharedBuffer | None = None
-_spare_lock = threading.Lock()
-_preparing = False
 _swept = False
+
+
+def _make_spare(nbytes: int) -> SharedBuffer:
+    return SharedBuffer.create(nbytes, reserve=True)
+
+
+# Allocating tmpfs pages costs about as much as copying into them (4 KB pages: tmpfs gets no huge
+# pages here), and a model's next version has the same size: a source makes it ahead (`prepare`).
+spare: Spare[SharedBuffer] = Spare(_make_spare, lambda b: b.array.nbytes, lambda b: b.unlink())
 
 
 def take(nbytes: int) -> SharedBuffer:
     """A new buffer of `nbytes`: the spare made in advance by `prepare` if it has that size. The
     first call of a process also sweeps the files of dead owners."""
-    global _spare, _swept
+    global _swept
     if not _swept:
         _swept = True
         sweep()
-    with _spare_lock:
-        buf, _spare = (_spare, None) if _spare is not None and _spare.array.nbytes == nbytes else (None, _spare)
-    return buf if buf is not None else SharedBuffer.create(nbytes)
+    return spare.take(nbytes) or SharedBuffer.create(nbytes)
 
 
 def prepare(nbytes: int) -> None:
-    """Make a spare buffer of `nbytes` for `take`, in the background (`later`). Why: allocating
-    tmpfs pages costs about as much as copying into them (4 KB pages: tmpfs gets no huge pages
-    here), and a model's next version has the same size, so the allocation is done while the
-    process generates or trains rather than while the next version streams in. Costs one version
-    of /dev/shm per process that serves versions."""
-    global _preparing
-    with _spare_lock:
-        if _preparing or (_spare is not None and _spare.array.nbytes == nbytes):
-            return
-        _preparing = True
-    later(_make_spare, nbytes)
-
-
-def _make_spare(nbytes: int) -> None:
-    global _spare, _preparing
-    try:
-        buf = SharedBuffer.create(nbytes, reserve=True)
-    except OSError:  # no room: `take` will try (and fail or succeed) on its own
-        buf = None
-    with _spare_lock:
-        old, _spare, _preparing = _spare, buf or _spare, False
-    if buf is not None and old is not None:
-        old.unlink()
-
-
-_chores: "queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]]" = queue.SimpleQueue()
-_chore_thread: threading.Thread | None = None
-
-
-def later(fn: Callable[..., Any], *args: Any) -> None:
-    """Run `fn(*args)` on this process's housekeeping thread, at the lowest CPU priority. For work
-    such as making a spare buffer or unlinking a dropped version (tmpfs frees 256 MB of 4 KB pages
-    in about 45 ms of CPU here): it must not compete with the transfer of the next version, so it
-    runs when the CPU would otherwise idle."""
-    global _chore_thread
-    with _spare_lock:
-        if _chore_thread is None:
-            _chore_thread = threading.Thread(target=_do_chores, name="shm-chores", daemon=True)
-            _chore_thread.start()
-    _chores.put((fn, args))
-
-
-def _do_chores() -> None:
-    try:  # Linux: a thread id names the thread alone
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (OSError, AttributeError):
-        pass
-    while True:
-        fn, args = _chores.get()
-        try:
-            fn(*args)
-        except Exception:  # noqa: BLE001 — housekeeping must never take the process down
-            pass
+    """Make a spare buffer of `nbytes` for `take`, in the background (``bus.weights.spare``). Costs
+    one version of /dev/shm per process that serves versions."""
+    spare.prepare(nbytes)
 
 
 def _map(fd: int, nbytes: int) -> np.ndarray:
@@ -270,9 +225,8 @@ def _release(path: Path, fd: int, owner_pid: int) -> None:
 
 
 def _after_fork_in_child() -> None:
-    """The spare and the housekeeping thread belong to the parent (its thread does not exist here)."""
-    global _spare, _preparing, _chore_thread, _chores
-    _spare, _preparing, _chore_thread, _chores = None, False, None, queue.SimpleQueue()
+    """The spare belongs to the parent: a child that unlinked it would take the parent's file away."""
+    spare.forget()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bus.weights import shm
+from bus.weights import shm, spare
 from bus.codec import dtype_name, numpy_dtype
 from bus.weights.crc import combine_chunks, copy_crc, crc32
 from bus.messages import ALLOWED_DTYPES, CHUNK_BYTES, Manifest, TensorMeta
@@ -52,14 +52,26 @@ def chunk_range(m: Manifest, i: int) -> tuple[int, int]:
 
 def allocate(nbytes: int, shared: bool) -> tuple[np.ndarray, "shm.SharedBuffer | None"]:
     """A uint8 buffer of `nbytes`: a read-only view of a shared-memory file (filled through
-    ``SharedBuffer.write``) if asked and tmpfs can hold it, else private writable memory."""
+    ``SharedBuffer.write``) if asked and tmpfs can hold it, else private writable memory (the
+    spare made by `prepare_next` if it has that size)."""
     if shared and shm.available():
         try:
             buf = shm.take(nbytes)
             return buf.array, buf
         except OSError as e:  # full or small tmpfs: private memory, same semantics
             log.warning("shm.unavailable", nbytes=nbytes, error=str(e)[:120])
-    return np.empty(nbytes, dtype=np.uint8), None
+    made = spare.private.take(nbytes)
+    return (made if made is not None else np.empty(nbytes, dtype=np.uint8)), None
+
+
+def prepare_next(store: "WeightStore | PartialStore") -> None:
+    """This process will want a buffer like `store`'s for its next version: make it now, in the
+    background (``bus.weights.spare``), if it is one this process fills (private memory, or a
+    shared-memory file it owns). A mapped copy of another process's file needs none."""
+    if store.shared is None:
+        spare.private.prepare(store.manifest.total_bytes)
+    elif store.shared.owner:
+        shm.prepare(store.manifest.total_bytes)
 
 
 def check_manifest(m: Manifest, max_bytes: int = 1 << 40) -> None:

@@ -14,6 +14,7 @@ import zmq
 
 from bus import messages as M
 from bus.weights import shm
+from bus.weights import spare as spare_mod
 from bus.codec import decode, encode
 from bus.weights.pull import attach_shared, fetch_manifest, pull
 from bus.weights.server import WeightServer
@@ -206,15 +207,15 @@ def test_another_process_maps_the_learner_store() -> None:
 def test_prepared_spare_is_taken_for_the_next_version_of_that_size() -> None:
     shm.prepare(3 << 20)  # replaces a spare of another size an earlier test left
     deadline = time.monotonic() + 10
-    while (shm._spare is None or shm._spare.array.nbytes != 3 << 20) and time.monotonic() < deadline:
+    while (shm.spare.ready is None or shm.spare.ready.array.nbytes != 3 << 20) and time.monotonic() < deadline:
         time.sleep(0.01)
-    spare = shm._spare
+    spare = shm.spare.ready
     assert spare is not None and spare.array.nbytes == 3 << 20
     assert os.stat(spare.path).st_blocks * 512 >= 3 << 20  # pages allocated ahead of the transfer
     other = shm.take(1 << 20)  # another size: a new buffer, the spare stays
-    assert other.path != spare.path and shm._spare is spare
+    assert other.path != spare.path and shm.spare.ready is spare
     got = shm.take(3 << 20)
-    assert got is spare and shm._spare is None and not got.array.any()
+    assert got is spare and shm.spare.ready is None and not got.array.any()
     other.unlink()
     got.unlink()
 
@@ -227,7 +228,7 @@ def test_a_forked_child_never_unlinks_its_parents_files() -> None:
             code = 1
             try:
                 buf.unlink()
-                code = 0 if shm._spare is None and shm._chore_thread is None else 2
+                code = 0 if shm.spare.ready is None and spare_mod._chore_thread is None else 2
             finally:
                 os._exit(code)
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
