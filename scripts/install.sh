@@ -3,6 +3,7 @@
 #
 #   bash scripts/install.sh          # the package and vLLM for this machine
 #   bash scripts/install.sh test     # plus what the test suite needs
+#   bash scripts/install.sh peers    # plus TRL, for benchmarks/bench_vs_trl.py (test,peers: both)
 #
 # Why the steps are in this order:
 #  * torch is installed first and pinned (2.13.0): an unpinned torch, asked for by deepspeed or
@@ -20,7 +21,7 @@ pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
 if [ "${OR1_GPU:-0}" = "1" ]; then extras="gpu"; else extras="cpu"; fi
-[ "$extra" = "test" ] && extras="$extras,test"
+[ -n "$extra" ] && extras="$extras,$extra"
 pip install -q -e ".[${extras}]" torch==2.13.0
 pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 .venv/bin/python -c "import torch, zmq, deepspeed; print('or1 install ok: torch', torch.__version__)" 2>&1 | tail -1
