@@ -113,6 +113,21 @@ def bind_endpoint(endpoint: str) -> str:
     return endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
 
 
+def bind_or_release(sock: zmq.Socket, endpoint: str, ctx: zmq.Context, auth: Any = None) -> str:
+    """Bind `sock` (a server's only socket so far) and return the bound endpoint. If the bind fails
+    (the port is taken), release what the server made before raising: the socket, its ZAP
+    authenticator thread and its context, so a caller may try another port in the same process."""
+    try:
+        sock.bind(bind_endpoint(endpoint))
+    except zmq.ZMQError:
+        sock.close(0)
+        if auth is not None:
+            auth.stop()
+        ctx.term()
+        raise
+    return bound_endpoint(sock)
+
+
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
     """A multipart message as zero-copy Frames. Faster than pyzmq's recv_multipart, which asks
     the socket for RCVMORE through Python after every part; `Frame.more` already holds it."""
@@ -212,8 +227,7 @@ class Server:
 
             self._auth = apply_server(self._sock, curve, self._ctx)
         self.secure = curve is not None
-        self._sock.bind(bind_endpoint(endpoint))
-        self.endpoint = bound_endpoint(self._sock)
+        self.endpoint = bind_or_release(self._sock, endpoint, self._ctx, self._auth)
         self._outbox = Outbox(self._ctx, name)
         self._handlers: dict[str, Handler] = {}
         self._on_hello: Callable[[Peer], Message] | None = None

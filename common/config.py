@@ -263,6 +263,10 @@ class LearnerConfig(Section):
     """Control ROUTER port (0 = pick a free one)."""
     weights_port: int = Field(5556, ge=0, le=65535)
     """Weights ROUTER port (0 = pick a free one)."""
+    any_free_port: bool = False
+    """When a port is taken at bind time, bind a free one instead of failing. `or1 run` sets it: its
+    learner writes RUN_DIR/endpoint, which the other roles read, and the ports checked free at start
+    may be taken (by another run) before the learner binds them."""
     advertise_host: str = ""
     """Host or address other nodes dial for the weights port (`or1 learner --advertise`). Empty: a
     concrete bind_host, else none, and each peer uses the address it reached the control port at

@@ -107,6 +107,7 @@ def prepare(cfg: Config, explicit_out: bool) -> Config:
         lc.control_port = 0
     if not port_free(lc.weights_port) or lc.weights_port == lc.control_port:
         lc.weights_port = 0
+    lc.any_free_port = True  # taken meanwhile (another run): the learner binds a free one instead
     lc.bind_host = "127.0.0.1"
     lc.advertise_host = "127.0.0.1"
     return cfg

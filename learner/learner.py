@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from common.config import Config, LearnerConfig, save_config
 from common.log import get_logger
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from learner.service import Ledger, LearnerService
 
 log = get_logger()
+T = TypeVar("T")
 DONE_GRACE_S = 30.0  # after the last step, keep answering until the fleet has left (at most this long)
 
 
@@ -317,21 +318,36 @@ def _serve(cfg: Config, ranks: RankGroup, scheduler: Scheduler, run_id: str,
     curve = server_curve(bus.curve_dir, bus.allow_readable_keys)
     if curve is None:
         warn_plaintext(lc.bind_host)
-    weights = WeightServer(f"tcp://{lc.bind_host}:{lc.weights_port}", max_message_bytes=bus.max_message_bytes,
-                           curve=curve)
+    weights = bind_or_any(lambda ep: WeightServer(ep, max_message_bytes=bus.max_message_bytes, curve=curve),
+                          lc.bind_host, lc.weights_port, lc.any_free_port)
     host = learner_advertise_host(lc.advertise_host, lc.bind_host)
     weights_ep = f"tcp://{host}:{weights.endpoint.rsplit(':', 1)[1]}"
     publish(ranks, weights, scheduler.version, cfg)
     service = LearnerService(cfg, scheduler, run_id=run_id, model=ranks.trainer.model_path,
                              weights_endpoint=weights_ep, max_model_len=context)
-    server = Server(f"tcp://{lc.bind_host}:{lc.control_port}", heartbeat_s=bus.heartbeat_s,
-                    liveness=bus.liveness, max_message_bytes=bus.max_message_bytes, curve=curve)
+    server = bind_or_any(lambda ep: Server(ep, heartbeat_s=bus.heartbeat_s, liveness=bus.liveness,
+                                           max_message_bytes=bus.max_message_bytes, curve=curve),
+                         lc.bind_host, lc.control_port, lc.any_free_port)
     service.attach(server)
     server.start()
     log.info("learner.serving", control=server.endpoint, weights=weights_ep, version=scheduler.version,
              epoch=scheduler.epoch)
     _write_endpoint(lc, server.endpoint)
     return weights, service, server
+
+
+def bind_or_any(make: Callable[[str], T], host: str, port: int, any_free: bool) -> T:
+    """`make(endpoint)` on host:port; if that port is taken and `any_free`, on a free port instead
+    (said in the log: the endpoint file and `learner.serving` name the one bound)."""
+    import zmq
+
+    try:
+        return make(f"tcp://{host}:{port}")
+    except zmq.ZMQError as e:
+        if not (any_free and port and e.errno == zmq.EADDRINUSE):
+            raise
+    log.warning("learner.port_taken", port=port, fix="bound a free port instead (learner.any_free_port)")
+    return make(f"tcp://{host}:0")
 
 
 def _write_endpoint(lc: LearnerConfig, bound: str) -> None:

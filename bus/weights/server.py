@@ -39,7 +39,7 @@ from bus.messages import (
     ProtocolError,
     Shared,
 )
-from bus.server import NOBLOCK, Outbox, bind_endpoint, bound_endpoint, configure_socket, recv_ready, send_frames
+from bus.server import NOBLOCK, Outbox, bind_or_release, configure_socket, recv_ready, send_frames
 from bus.weights.spare import later
 from bus.weights.store import PartialStore, WeightStore, prepare_next
 from common.log import get_logger
@@ -72,8 +72,7 @@ class WeightServer:
             from bus.auth import apply_server
 
             self._auth = apply_server(self._sock, curve, self._ctx)
-        self._sock.bind(bind_endpoint(endpoint))
-        self.endpoint = bound_endpoint(self._sock)
+        self.endpoint = bind_or_release(self._sock, endpoint, self._ctx, self._auth)
         self._outbox = Outbox(self._ctx, name)
         self._lock = threading.Lock()
         self._stores: dict[int, WeightStore | PartialStore] = {}
