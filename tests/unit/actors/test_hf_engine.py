@@ -119,3 +119,22 @@ def test_abort_ends_a_generation_at_the_next_token(eos_model, actor_cfg, prompts
     with pytest.raises(GenerationAborted):
         eng.generate(prompts[1:2], spec)
     assert len(steps) == 3
+
+
+def test_prompts_are_left_padded_and_grouped_by_budget() -> None:
+    from actors.hf_engine import by_budget, left_padded
+
+    ids, mask = left_padded([[5, 6], [7, 8, 9]], n=2, pad_id=0)
+    assert ids.tolist() == [[0, 5, 6], [0, 5, 6], [7, 8, 9], [7, 8, 9]]
+    assert mask.tolist() == [[0, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]]
+    # a prompt near the context limit gets its own, shorter batch; the others keep max_tokens
+    assert by_budget([[1] * 3, [1] * 60, [1] * 5], max_tokens=8, max_model_len=64) == {8: [0, 2], 4: [1]}
+
+
+def test_one_generate_call_per_budget(engine, prompts, monkeypatch) -> None:
+    calls = []
+    real = engine.model.generate
+    monkeypatch.setattr(engine.model, "generate", lambda x, **kw: calls.append(x.shape) or real(x, **kw))
+    groups = engine.generate(prompts, SamplingSpec(n=2, temperature=1.0, max_tokens=4, seed=3))
+    assert [len(g) for g in groups] == [2] * len(prompts)
+    assert calls == [(2 * len(prompts), max(len(p) for p in prompts))]
