@@ -279,6 +279,11 @@ class LearnerConfig(Section):
     """eta: most optimizer steps between the weights that generated a group and the step that trains it."""
     lease_groups: int = Field(4, ge=1)
     """Most groups in one lease."""
+    fill_batch: bool = True
+    """True (Skywork-OR1's rejection sampling): a step waits for prompts_per_batch useful groups,
+    those whose rewards differ. False: a step comes every prompts_per_batch scored groups and
+    trains the useful ones among them (as TRL's GRPOTrainer does): no generation spent refilling
+    the batch late in training, fewer groups per step (learner/buffer.py, 2.)."""
     lease_timeout_s: float = Field(600.0, gt=0)
     """A lease not submitted within this is taken back and its prompts requeued."""
     checkpoint_every: int = Field(0, ge=0)

@@ -12,6 +12,15 @@ Group path (driven by `learner/scheduler.py`, which owns the admission accountin
    (`learner/staleness.py`: staleness v - w > eta; never trained, the scheduler requeues the
    prompt), then `take(B)` hands out B groups, the oldest weights first, so the groups closest to
    the staleness bound are trained before they cross it.
+
+   That is Skywork-OR1's rejection sampling (`learner.fill_batch`, the default): a step waits for B
+   useful groups, so late in training, when most groups are solved by every sample, the actors
+   generate several groups per useful one. With `fill_batch = false` a step comes every B *scored*
+   groups instead (as TRL's GRPOTrainer steps on every generation batch): `take(B)` consumes the
+   next B groups in scoring order (the buffer keeps that order as slots: a useful group, or None
+   for one dropped at scoring) and trains the useful ones among them, fewer than B when some were
+   dropped; B slots with no useful group give no step and are discarded. The scheduler's
+   admission counts slots (`pending`), so each step still consumes exactly B of what it admitted.
 3. `to_train_samples` turns groups into per-sample records with group-normalised advantages
    (`learner/advantage.py` `group_advantages`), and `make_micro_batches` packs them for the ranks.
 
@@ -26,7 +35,7 @@ forward/backward passes: DeepSpeed's collectives hang otherwise.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,14 +77,22 @@ class GroupBuffer:
     useful ones held in arrival order until a batch takes them. Counters and rewards accumulate
     between batches and are reported (then reset) with the next batch's metrics."""
 
-    def __init__(self, keep_zero_advantage: bool = False) -> None:
+    def __init__(self, keep_zero_advantage: bool = False, fill: bool = True) -> None:
         self.keep_zero_advantage = keep_zero_advantage
+        self.fill = fill  # False: a batch is the next B scored groups' useful ones (module doc, 2.)
         self._groups: list[ScoredGroup] = []
+        self._slots: deque[ScoredGroup | None] = deque()  # scoring order, when not `fill`
         self._counts: Counter[str] = Counter()
         self._rewards: list[float] = []
 
     def __len__(self) -> int:
         return len(self._groups)
+
+    @property
+    def pending(self) -> int:
+        """Scored groups the coming batches will consume: the useful ones held (fill), or every
+        scored one not consumed yet, useful or dropped (not fill)."""
+        return len(self._groups) if self.fill else len(self._slots)
 
     def add(self, group: ScoredGroup) -> str:
         """Classify and keep if useful; returns "useful", "all_correct" or "all_wrong" (dropped), or
@@ -84,19 +101,27 @@ class GroupBuffer:
         self._rewards.extend(float(r) for r in group.rewards)
         if kind == USEFUL:
             self._counts["filter/useful_groups"] += 1
-            self._groups.append(group)
+            self._hold(group)
             return kind
         self._counts["filter/zero_adv_groups"] += 1
         self._counts[f"filter/zero_adv_{kind}"] += 1
         if self.keep_zero_advantage:
             self._counts["filter/zero_adv_kept"] += 1
-            self._groups.append(group)
+            self._hold(group)
             return KEPT_ZERO_ADV
+        if not self.fill:
+            self._slots.append(None)
         return kind
+
+    def _hold(self, group: ScoredGroup) -> None:
+        self._groups.append(group)
+        if not self.fill:
+            self._slots.append(group)
 
     def drain(self) -> list[ScoredGroup]:
         """Remove and return every held group (the run ended)."""
         out, self._groups = self._groups, []
+        self._slots.clear()
         return out
 
     def purge_stale(self, version: int, eta: int) -> list[ScoredGroup]:
@@ -104,23 +129,42 @@ class GroupBuffer:
         stale = [g for g in self._groups if not admissible(version, g.weight_version, eta)]
         if stale:
             self._groups = [g for g in self._groups if admissible(version, g.weight_version, eta)]
+            gone = {id(g) for g in stale}  # their slots go too: requeued, they leave the admission load
+            self._slots = deque(x for x in self._slots if x is None or id(x) not in gone)
             self._counts["staleness/dropped"] += len(stale)
         return stale
 
     def take(self, k: int, version: int, eta: int) -> tuple[list[ScoredGroup], dict[str, Any]]:
-        """Remove and return k groups, oldest weights first (ties: arrival order), with the batch's
-        metrics; ([], {}) if fewer than k are held. Call purge_stale first."""
-        if k <= 0 or len(self._groups) < k:
+        """The next batch and its metrics, or ([], {}) if there is none yet. Call purge_stale first.
+        fill: k groups, oldest weights first (ties: arrival order), once k are held. Not fill: the
+        useful ones among the next k scored groups (1 to k of them), once k were scored."""
+        if k <= 0:
             return [], {}
+        batch = self._take_filled(k) if self.fill else self._take_scored(k)
+        return (batch, self._metrics(batch, version, eta)) if batch else ([], {})
+
+    def _take_filled(self, k: int) -> list[ScoredGroup]:
+        if len(self._groups) < k:
+            return []
         order = sorted(range(len(self._groups)), key=lambda i: (self._groups[i].weight_version, i))
         chosen = set(order[:k])
         batch = [self._groups[i] for i in order[:k]]
         self._groups = [g for i, g in enumerate(self._groups) if i not in chosen]
-        return batch, self._metrics(batch, version, eta)
+        return batch
+
+    def _take_scored(self, k: int) -> list[ScoredGroup]:
+        while len(self._slots) >= k:
+            batch = [g for g in (self._slots.popleft() for _ in range(k)) if g is not None]
+            if batch:  # else k slots with nothing to learn from: discarded, no step
+                taken = {id(g) for g in batch}
+                self._groups = [g for g in self._groups if id(g) not in taken]
+                return batch
+            self._counts["filter/empty_batches"] += 1
+        return []
 
     def _metrics(self, batch: list[ScoredGroup], version: int, eta: int) -> dict[str, Any]:
         keys = ("filter/useful_groups", "filter/zero_adv_groups", "filter/zero_adv_all_correct",
-                "filter/zero_adv_all_wrong", "staleness/dropped")
+                "filter/zero_adv_all_wrong", "staleness/dropped", "filter/empty_batches")
         m: dict[str, Any] = {k: float(self._counts[k]) for k in keys}
         if self.keep_zero_advantage:
             m["filter/zero_adv_kept"] = float(self._counts["filter/zero_adv_kept"])

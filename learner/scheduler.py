@@ -150,6 +150,7 @@ class Scheduler:
         seed: int = 0,
         zero_truncated_reward: bool = True,
         keep_zero_advantage: bool = False,
+        fill_batch: bool = True,
         on_event: Callable[[dict], None] | None = None,
         source_weights: dict[str, float] | None = None,
         vocab_size: int = 0,
@@ -169,10 +170,13 @@ class Scheduler:
         self._order = make_order({p.prompt_id: p.source for p in prompts}, source_weights, seed)
         self.version = self.groups_trained = self.stage = 0
         self._stage_v0 = self._stage_trained0 = 0
+        # Admission counts slots: scored groups a step consumes (= its trained groups when
+        # fill_batch; B, trained or dropped at scoring, when not: learner/buffer.py, 2.)
+        self._slots_done = self._stage_slots0 = self._training_slots = 0
         self._leases: dict[int, _Lease] = {}
         self._busy: dict[str, int] = {}  # prompt_id -> lease_id, from grant to END
         self._scoring: dict[int, tuple[int, Prompt, Group]] = {}  # group_id -> (lease_id, prompt, group)
-        self._buffer = GroupBuffer(keep_zero_advantage)
+        self._buffer = GroupBuffer(keep_zero_advantage, fill=fill_batch)
         self._training: list[ScoredGroup] = []
         self._stage_passes: dict[str, list[int]] = {}  # prompt_id -> [solved, samples] this stage
         self._dropped: set[str] = set()
@@ -185,7 +189,7 @@ class Scheduler:
             prompts, cfg.stages, cfg.sampling, epoch=epoch, max_staleness=cfg.max_staleness,
             lease_groups=cfg.lease_groups, lease_timeout_s=cfg.lease_timeout_s, seed=cfg.data.seed,
             zero_truncated_reward=cfg.loss.zero_truncated_reward, keep_zero_advantage=cfg.loss.keep_zero_advantage,
-            on_event=on_event, vocab_size=vocab_size,
+            fill_batch=cfg.fill_batch, on_event=on_event, vocab_size=vocab_size,
             source_weights={s.name: s.weight for s in data_sources(cfg.data)},
         )
 
@@ -218,9 +222,9 @@ class Scheduler:
         return sum(len(lease.pending) for lease in self._leases.values()) + len(self._scoring)
 
     def admission_load(self) -> int:
-        """trained + training + in_flight + buffered, counted since the stage began."""
-        trained = self.groups_trained - self._stage_trained0
-        return trained + len(self._training) + self.groups_in_flight + len(self._buffer)
+        """trained + training + in_flight + buffered, counted since the stage began, in slots."""
+        trained = self._slots_done - self._stage_slots0
+        return trained + self._training_slots + self.groups_in_flight + self._buffer.pending
 
     def admission_cap(self) -> int:
         return (self.version - self._stage_v0 + self.eta + 1) * self.batch_size
@@ -459,6 +463,7 @@ class Scheduler:
         if not groups:
             return None
         self._training = groups
+        self._training_slots = len(groups) if self._buffer.fill else self.batch_size
         return Batch(self.version, groups, metrics)
 
     def on_step(self) -> dict[str, float]:
@@ -469,7 +474,8 @@ class Scheduler:
             self._end(g.lease_id, g.prompt_id, g.group_id, END_TRAINED, "", requeue=False,
                       weight_version=g.weight_version, staleness=staleness(self.version, g.weight_version))
         self.groups_trained += len(self._training)
-        self._training = []
+        self._slots_done += self._training_slots
+        self._training, self._training_slots = [], 0
         self.version += 1
         self._emit("step")
         metrics = {"learner/version": float(self.version), "learner/stage": float(self.stage)}
@@ -484,6 +490,7 @@ class Scheduler:
         self._dropped |= solved
         self.stage += 1
         self._stage_v0, self._stage_trained0 = self.version, self.groups_trained
+        self._stage_slots0 = self._slots_done
         self._stage_passes = {}
         self._emit("stage", stage=self.stage, dropped=sorted(new))
         return len(new)
@@ -509,6 +516,7 @@ class Scheduler:
         return {
             "version": self.version, "groups_trained": self.groups_trained, "stage": self.stage,
             "stage_v0": self._stage_v0, "stage_trained0": self._stage_trained0,
+            "slots_done": self._slots_done, "stage_slots0": self._stage_slots0,
             "order": self._order.state_dict(),
             "in_flight": in_flight, "stage_passes": {k: list(v) for k, v in self._stage_passes.items()},
             "dropped": sorted(self._dropped), "next_lease_id": self._next_lease_id,
@@ -525,6 +533,9 @@ class Scheduler:
         self.version, self.groups_trained = int(d["version"]), int(d["groups_trained"])
         self.stage = int(d["stage"])
         self._stage_v0, self._stage_trained0 = int(d["stage_v0"]), int(d["stage_trained0"])
+        # checkpoints from before slots: one slot per trained group (fill_batch's accounting)
+        self._slots_done = int(d.get("slots_done", self.groups_trained))
+        self._stage_slots0 = int(d.get("stage_slots0", self._stage_trained0))
         self._stage_passes = {k: [int(a), int(b)] for k, (a, b) in d["stage_passes"].items()}
         self._dropped = set(d["dropped"])
         self._next_lease_id, self._next_group_id = int(d["next_lease_id"]), int(d["next_group_id"])

@@ -7,7 +7,8 @@ B and n. Checked after every step: no group trained with staleness > eta, no pro
 once, every granted (lease, prompt) ends exactly once and the live ones are exactly the scheduler's
 in-flight set, nothing trained twice, requeued prompts are in the requeue, and the admission
 inequality after every grant. With eta = 0: one batch in flight, every group trained by the weights
-that generated it.
+that generated it. Each machine runs twice: batches filled with B useful groups (learner.fill_batch,
+the default) and batches of the next B scored groups (fill_batch = false).
 """
 
 import numpy as np
@@ -40,13 +41,15 @@ def make_group(pid, n, w, rng):
 class AdmissionMachine(RuleBasedStateMachine):
     initial_eta = 1
     eta_changes = True
+    fill_batch = True
 
     def __init__(self):
         super().__init__()
         self.events = []
         prompts = [Prompt(f"p{i}", np.array([1, i], np.int32), "math", "1") for i in range(14)]
         self.s = Scheduler(prompts, STAGES, SamplingConfig(), epoch=3, max_staleness=self.initial_eta,
-                           lease_groups=3, lease_timeout_s=20.0, on_event=self.events.append)
+                           lease_groups=3, lease_timeout_s=20.0, fill_batch=self.fill_batch,
+                           on_event=self.events.append)
         self.now = 0.0
         self.held = {a: 0 for a in ACTORS}
         self.leases: dict[int, tuple[str, Lease]] = {}  # open leases, as the actors see them
@@ -183,8 +186,9 @@ class AdmissionMachine(RuleBasedStateMachine):
         batch = s.take_batch()
         if batch is None:
             return
-        assert batch.version == v and len(batch.groups) == B
-        assert len({g.prompt_id for g in batch.groups}) == B
+        k = len(batch.groups)
+        assert batch.version == v and (k == B if self.fill_batch else 1 <= k <= B)
+        assert len({g.prompt_id for g in batch.groups}) == k
         for g in batch.groups:
             assert 0 <= v - g.weight_version <= eta, f"staleness {v - g.weight_version} > eta {eta}"
             self.check_batch_group(g, v)
@@ -255,7 +259,19 @@ class SyncMachine(AdmissionMachine):
         assert self.stale_ends == 0, "eta = 0 never produces a stale group"
 
 
+class ScoredAdmissionMachine(AdmissionMachine):
+    fill_batch = False
+
+
+class ScoredSyncMachine(SyncMachine):
+    fill_batch = False
+
+
 TestAdmission = AdmissionMachine.TestCase
 TestAdmission.settings = SETTINGS
 TestSynchronous = SyncMachine.TestCase
+TestScoredAdmission = ScoredAdmissionMachine.TestCase
+TestScoredAdmission.settings = SETTINGS
+TestScoredSynchronous = ScoredSyncMachine.TestCase
 TestSynchronous.settings = SETTINGS
+TestScoredSynchronous.settings = SETTINGS

@@ -86,6 +86,40 @@ def test_staleness_checked_at_consumption_and_oldest_weights_first():
     assert len(buf) == 1
 
 
+def test_scored_batches_take_the_useful_ones_among_the_next_b_scored():
+    """fill=False: a batch every B scored groups, in scoring order, made of their useful ones."""
+    buf = GroupBuffer(fill=False)
+    for i, r in enumerate([[1, 0], [1, 1], [0, 0], [0, 1], [1, 0]]):  # useful, -, -, useful, useful
+        buf.add(group(i, r))
+    assert buf.pending == 5 and len(buf) == 3
+    groups, m = buf.take(3, version=0, eta=0)
+    assert [g.group_id for g in groups] == [0]  # slots 0..2: one useful, two dropped at scoring
+    assert m["filter/useful_groups"] == 3 and m["filter/zero_adv_groups"] == 2
+    assert buf.pending == 2 and buf.take(3, 0, 0) == ([], {})  # 2 scored so far: not yet a batch
+    buf.add(group(5, [0, 0]))
+    groups, _ = buf.take(3, 0, 0)
+    assert [g.group_id for g in groups] == [3, 4] and buf.pending == 0 and len(buf) == 0
+
+
+def test_scored_slots_without_a_useful_group_give_no_batch_and_are_discarded():
+    buf = GroupBuffer(fill=False)
+    for i, r in enumerate([[1, 1], [0, 0], [1, 0], [0, 1]]):
+        buf.add(group(i, r))
+    groups, m = buf.take(2, 0, 0)  # slots 0-1 hold nothing to learn from: skipped, then 2-3
+    assert [g.group_id for g in groups] == [2, 3] and m["filter/empty_batches"] == 1
+
+
+def test_scored_stale_groups_leave_their_slots():
+    buf = GroupBuffer(fill=False)
+    buf.add(group(0, [1, 0], w=0))
+    buf.add(group(1, [0, 0], w=0))
+    buf.add(group(2, [0, 1], w=3))
+    assert [g.group_id for g in buf.purge_stale(version=3, eta=1)] == [0]
+    assert buf.pending == 2  # the dropped group's slot stays (it was consumed as scored), the stale one's goes
+    groups, _ = buf.take(2, 3, 1)
+    assert [g.group_id for g in groups] == [2]
+
+
 def test_train_samples_carry_group_advantages():
     g = group(7, [1, 0, 0, 0], w=3)
     g.samples[1] = sample(3, FINISH_LENGTH)
