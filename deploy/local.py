@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import Config, save_config
-from common.metrics import read_jsonl
+from common.metrics import JsonlTail, read_jsonl
 
 STOP_GRACE_S = 15.0
 PLAIN_EVERY = 10  # steps between progress lines when stdout is not a terminal
@@ -182,7 +182,7 @@ def follow(fleet: Fleet, learner: Child, steps: int) -> None:
     e.g. in CI logs, a plain line every few steps)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    metrics = fleet.run_dir / "metrics.jsonl"
+    tail = JsonlTail(fleet.run_dir / "metrics.jsonl")
     live = sys.stdout.isatty()
     cols = [TextColumn("[bold]or1"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}")]
     with Progress(*cols, refresh_per_second=4, disable=not live) as bar:
@@ -190,13 +190,13 @@ def follow(fleet: Fleet, learner: Child, steps: int) -> None:
         seen, reported = 0, set()
         while learner.proc.poll() is None:
             time.sleep(0.5)
-            rows = [r for r in read_jsonl(metrics) if "reward/mean" in r] if metrics.exists() else []
-            if len(rows) > seen:
+            rows = [r for r in tail.new() if "reward/mean" in r]
+            if rows:
                 r = rows[-1]
                 bar.update(task, completed=r["step"], description=progress_line(r))
                 if not live and (r["step"] // PLAIN_EVERY > seen // PLAIN_EVERY or seen == 0):
                     print(f"or1 step {r['step']}/{steps}  {progress_line(r)}", flush=True)
-                seen = len(rows)
+                seen += len(rows)
             for c in fleet.children:
                 if c is not learner and c.proc.poll() not in (None, 0) and c.name not in reported:
                     reported.add(c.name)

@@ -53,3 +53,17 @@ def test_logger_made_before_setup_uses_the_later_setup():
     early.info("scored", n=2)
     rec = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert rec["event"] == "scored" and rec["component"] == "x" and rec["worker_id"] == "r1"
+
+
+def test_jsonl_tail_reads_each_appended_record_once_and_waits_for_torn_lines(tmp_path):
+    from common.metrics import JsonlTail
+
+    path = tmp_path / "metrics.jsonl"
+    tail = JsonlTail(path)
+    assert tail.new() == []  # no file yet
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert [r["step"] for r in tail.new()] == [1, 2]
+    assert tail.new() == []  # nothing new; the torn line waits
+    with open(path, "a") as f:
+        f.write('ep": 3}\nnot json\n{"step": 4}\n')
+    assert [r["step"] for r in tail.new()] == [3, 4]  # the finished line, the bad one skipped
