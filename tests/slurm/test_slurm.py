@@ -106,7 +106,10 @@ def test_run_as_heterogeneous_job_with_an_elastic_actor_job(slurm, tmp_path, tin
         "OR1_BIN": str(Path(sys.executable).parent / "or1"),
         "OR1_RUN_DIR": str(run),
         "OR1_PORT": "0",  # the 3 nodes share this host: any free port (the batch script reads RUN_DIR/endpoint)
-        "OR1_ARGS": f"--set actor.engine=hf --set run.steps={STEPS} --set run.cache_dir={tiny_model_dir.parent}",
+        # fill_batch=true: the ledger check counts B trained groups at every step (the tiny config
+        # steps every B scored groups, training only their useful ones)
+        "OR1_ARGS": (f"--set actor.engine=hf --set learner.fill_batch=true --set run.steps={STEPS} "
+                     f"--set run.cache_dir={tiny_model_dir.parent}"),
         "OR1_STOP_GRACE": "30",
     }
     job = _sbatch(env, f"--output={tmp_path}/job-%j.out", ":", ":", "--nodes=1", "deploy/slurm/or1.sbatch")
