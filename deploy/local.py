@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -82,15 +81,6 @@ def _signal(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False
-
-
 def prepare(cfg: Config, explicit_out: bool) -> Config:
     """Resolve what the children need: run dir, model folder, ports."""
     lc = cfg.learner
@@ -101,13 +91,9 @@ def prepare(cfg: Config, explicit_out: bool) -> Config:
 
         print(f"or1: building or reusing the embedded tiny model in {cfg.run.cache_dir} ...", flush=True)
         lc.model = str(ensure_tiny_model(Path(cfg.run.cache_dir).expanduser(), warm=cfg.run.warm_start))
-    # A busy port becomes 0: the learner binds a free one and writes RUN_DIR/endpoint, which is
-    # read back before the other roles start (checking a port here and binding it there would race).
-    if not port_free(lc.control_port):
-        lc.control_port = 0
-    if not port_free(lc.weights_port) or lc.weights_port == lc.control_port:
-        lc.weights_port = 0
-    lc.any_free_port = True  # taken meanwhile (another run): the learner binds a free one instead
+    # A taken port (another run): the learner binds a free one instead and writes RUN_DIR/endpoint,
+    # which the other roles read (checking ports here and binding them there would race).
+    lc.any_free_port = True
     lc.bind_host = "127.0.0.1"
     lc.advertise_host = "127.0.0.1"
     return cfg
