@@ -225,7 +225,7 @@ def reached(target: float | None, recent: list[float], window: int) -> bool:
     return target is not None and len(recent) >= window and sum(recent) / len(recent) >= target
 
 
-def build_learner(cfg: Config, ranks: RankGroup) -> Learner:
+def build_learner(cfg: Config, ranks: RankGroup, stop: threading.Event | None = None) -> Learner:
     """Everything rank 0 holds before its first step: data checked and tokenized, the latest
     checkpoint loaded with --resume (a new epoch), version v published, the bus served, the endpoint
     file written. Raises common.data.DataError for data the run cannot use."""
@@ -247,12 +247,12 @@ def build_learner(cfg: Config, ranks: RankGroup) -> Learner:
     ledger = Ledger(run_dir / "ledger.jsonl")
     scheduler = _scheduler(prompts, lc, resumed, controller, ledger, ranks.trainer.vocab_size)
     run_id = resumed[0].get("run_id") or uuid.uuid4().hex[:12]
-    weights, service, server = _serve(cfg, ranks, scheduler, run_id, context)
     sink = MultiSink(JsonlSink(run_dir / "metrics.jsonl"), TensorBoardSink(run_dir / "tb"))
+    weights, service, server = _serve(cfg, ranks, scheduler, run_id, context)  # last: peers come at once
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Learner(cfg=cfg, ranks=ranks, service=service, controller=controller, weights=weights,
                    server=server, sink=sink, ledger=ledger, evaluator=evaluator, run_id=run_id, pad_id=pad_id,
-                   pending=data_metrics)
+                   pending=data_metrics, stop=stop or threading.Event())
 
 
 def _training_data(cfg: Config, tokenizer: Any,

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.config import Config
 from common.data import DataError
@@ -64,13 +65,28 @@ def _run_rank0(cfg: Config, ranks: RankGroup) -> int:
     run it, close it."""
     from learner.learner import build_learner
 
-    learner = build_learner(cfg, ranks)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: learner.stop.set())
+    stop = stop_on_signals()  # before building: the bus is served before build_learner returns
+    learner = build_learner(cfg, ranks, stop)
     try:
         return learner.run()
     finally:
         learner.close()
+
+
+def stop_on_signals() -> threading.Event:
+    """An event the first SIGTERM/SIGINT sets (the run ends gracefully at the next step boundary);
+    a second one raises KeyboardInterrupt, for an operator who will not wait."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("learner.stopping", signal=signal.Signals(signum).name, force="send it again")
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+    return stop
 
 
 def resolve_model(cfg: Config) -> str:
