@@ -1,28 +1,34 @@
-"""`HFEngine`: the Engine contract on transformers `generate`, for machines without vLLM.
+"""`HFEngine`: the Engine contract on a transformers model, for machines without vLLM.
 
 Generation, one batch per call (per response budget, `by_budget`): every prompt repeated `n`
-times, left-padded to the longest with an attention mask (`left_padded`; generate() derives the
-positions from the mask), `generate(do_sample=T > 0, temperature=T, top_p, max_new_tokens,
-eos_token_id=<end ids>, output_scores=True)` with a GenerationConfig built here, every other
-distribution-shaping field set to its neutral value (top_k=0, repetition_penalty=1, …): generate()
-would otherwise fill them from the folder's generation_config (Qwen ships top_k=20,
-repetition_penalty=1.05), while vLLM given explicit SamplingParams takes only the end tokens from
-it. `scores` are the logits after the logits processors (temperature, then top-p masking to -inf),
-the distribution actually sampled from; log_softmax of them at the sampled token is the processed
-log-prob, the same quantity as vLLM's "processed_logprobs". Greedy (T = 0) scores are the raw
-logits. A sample ends at its first end token (kept); later positions are generate's padding. Text:
+times, left-padded to the longest with an attention mask (`left_padded`), then `decode`: one
+prefill, then one forward per new token over a `DynamicCache`, positions from the mask (as
+generate() derives them). Each step's next token is drawn by `pick` from the logits divided by the
+temperature, the tokens outside top-p masked to -inf (HF's `TopPLogitsWarper` rule): the
+distribution actually sampled from, whose log-softmax at the sampled token is the processed
+log-prob, the same quantity as vLLM's "processed_logprobs". Greedy (T = 0) is the argmax, its
+log-prob that of the raw logits. Nothing else shapes the distribution: the folder's
+generation_config (Qwen ships top_k=20, repetition_penalty=1.05) is not read, as vLLM given
+explicit SamplingParams reads only the end tokens from it. A sample ends at its first end token
+(kept); the loop stops once every row has ended or at the budget. Text:
 `actors.engine.decode_texts`. Device: CUDA when available, else CPU. Context: `cfg.max_model_len`,
 or the model's own limit (`max_position_embeddings`) when None. One shard only (no tensor parallelism).
-Seeds: the RNG is seeded with the batch's first prompt's seed inside `torch.random.fork_rng`, so
-the caller's global RNG is untouched; the batch's samples then draw from that one stream (not
-vLLM's per-sample streams: the two engines are each reproducible, not identical to each other).
-Why one batch and not one generate per prompt: on the embedded tiny model, 4 prompts × 8 samples
-take 57 ms as one batch against 120 ms as four (CPU, one thread): generate's cost per decoding step
-is mostly fixed.
 
-Abort: `abort()` sets an event that a StoppingCriteria reads after every token, so a generation
-stopped from another thread ends within one decoding step and raises GenerationAborted (its partial
-samples are dropped); an aborted engine generates no more.
+Why a loop of its own and not transformers' `generate`: on the embedded tiny model generate's cost
+per decoding step is mostly fixed, and a fifth of it was `torch.multinomial` (1.1 ms for 32 rows of
+2,048 on one CPU thread); `pick` draws by inverse CDF (one uniform per row, `searchsorted` in the
+cumulative sum: 0.05 ms), exact for the same distribution. It also keeps only the sampled token's
+log-prob per step instead of every step's full scores. Measured on `toy:chain` (32 rows × 50 tokens):
+see docs/training.md#against-trl. Why one batch and not one call per prompt: 4 prompts × 8 samples
+take about half the time as one batch as as four.
+Seeds: a `torch.Generator` on the engine's device seeded with the batch's first prompt's seed (a
+fresh random seed when None), so the global RNG is untouched; the batch's samples draw from that
+one stream (not vLLM's per-sample streams: the two engines are each reproducible, not identical to
+each other).
+
+Abort: `abort()` sets an event the loop reads before every forward, so a generation stopped from
+another thread ends within one decoding step and raises GenerationAborted (its partial samples are
+dropped); an aborted engine generates no more.
 
 Weights: `load_state_dict(strict=True)` after checking names and shapes (all or none); a tied model
 may omit `lm_head.weight` (it is the embedding). Tensors of another floating dtype are converted by
@@ -83,7 +89,6 @@ class HFEngine:
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._end_ids)
         self._aborted = threading.Event()
-        self._stopping = _abort_criteria(self._aborted)
         self.startup_s = time.perf_counter() - t0
 
     def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
@@ -97,39 +102,25 @@ class HFEngine:
 
     def _generate_batch(self, prompts: list[list[int]], s: SamplingSpec, budget: int,
                         seed: int | None) -> list[list[GenSample]]:
-        """One `generate` for every prompt's n samples (left-padded to the longest prompt)."""
+        """One `decode` for every prompt's n samples (left-padded to the longest)."""
         import torch
 
         self._check_aborted()
         x, mask = left_padded(prompts, s.n, self._pad_id)
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = self.model.generate(x.to(self.device), attention_mask=mask.to(self.device),
-                                      stopping_criteria=self._stopping, generation_config=self._gen_config(s, budget))
-        self._check_aborted()
-        new = out.sequences[:, x.shape[1]:]  # [k*n, steps]
-        scores = torch.stack(out.scores, dim=1).float()  # [k*n, steps, V] processed logits
-        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1).cpu()
-        new = new.cpu()
+        gen = torch.Generator(device=self.device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        with torch.inference_mode():
+            new, logprobs = decode(self.model, x.to(self.device), mask.to(self.device), budget=budget,
+                                   temperature=s.temperature, top_p=s.top_p, end_ids=self._end_ids,
+                                   pad_id=self._pad_id, generator=gen, aborted=self._aborted)
+        new, logprobs = new.cpu(), logprobs.cpu()
         cut = [self._cut(new[j].tolist(), logprobs[j].numpy()) for j in range(new.shape[0])]
         texts = decode_texts(self.tokenizer, [ids for ids, _ in cut])
         samples = [make_sample(ids, lp, text, self._end_ids) for (ids, lp), text in zip(cut, texts)]
         return [samples[j:j + s.n] for j in range(0, len(samples), s.n)]
-
-    def _gen_config(self, s: SamplingSpec, budget: int) -> Any:
-        from transformers import GenerationConfig
-
-        sample = s.temperature > 0
-        # generate() fills every field left None from the folder's generation_config (e.g. Qwen's
-        # top_k=20, repetition_penalty=1.05): set each distribution-shaping one to its neutral value.
-        neutral = dict(top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                       repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-                       min_length=0, min_new_tokens=0)
-        return GenerationConfig(
-            max_new_tokens=budget, do_sample=sample, temperature=s.temperature if sample else 1.0,
-            top_p=s.top_p if sample else 1.0, eos_token_id=sorted(self._end_ids), pad_token_id=self._pad_id,
-            bos_token_id=None, return_dict_in_generate=True, output_scores=True, **neutral)
 
     def _cut(self, tokens: list[int], logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Up to and including the first end token; the rest is generate's padding."""
@@ -156,16 +147,69 @@ class HFEngine:
         self.model = None
 
 
-def _abort_criteria(flag: threading.Event) -> Any:
-    """A StoppingCriteriaList that ends every sequence of a `generate` once `flag` is set."""
+def decode(model: Any, ids: "torch.Tensor", mask: "torch.Tensor", *, budget: int, temperature: float,
+           top_p: float, end_ids: Iterable[int], pad_id: int, generator: "torch.Generator",
+           aborted: threading.Event) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Up to `budget` new tokens for each left-padded row: (tokens, their log-probs), [rows, steps],
+    a row's positions after its end token filled with `pad_id` and 0. Raises GenerationAborted when
+    `aborted` is set before a forward."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import DynamicCache
 
-    class Aborted(StoppingCriteria):
-        def __call__(self, input_ids: "torch.LongTensor", scores: Any, **kwargs: Any) -> "torch.BoolTensor":
-            return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool, device=input_ids.device)
+    rows = ids.shape[0]
+    ends = torch.tensor(sorted(end_ids), device=ids.device)
+    tokens = torch.full((rows, budget), pad_id, dtype=torch.long, device=ids.device)
+    logprobs = torch.zeros((rows, budget), dtype=torch.float32, device=ids.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    cache = DynamicCache()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step_in, step_pos, steps = ids, positions, 0
+    for t in range(budget):
+        if aborted.is_set():
+            raise GenerationAborted("the engine was aborted")
+        out = model(input_ids=step_in, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        tok, lp = pick(out.logits[:, -1].float(), temperature, top_p, generator)
+        tokens[:, t] = torch.where(done, pad_id, tok)
+        logprobs[:, t] = torch.where(done, 0.0, lp)
+        done |= torch.isin(tok, ends)
+        steps = t + 1
+        if bool(done.all()):
+            break
+        step_in, step_pos = tok[:, None], step_pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+    return tokens[:, :steps], logprobs[:, :steps]
 
-    return StoppingCriteriaList([Aborted()])
+
+def pick(logits: "torch.Tensor", temperature: float, top_p: float,
+         generator: "torch.Generator") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The next token of each row [rows, vocab] and its log-prob under the distribution sampled:
+    greedy argmax (raw logits) at T = 0; else logits / T with top-p applied, drawn by inverse CDF."""
+    import torch
+
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    z = logits / temperature
+    if top_p < 1.0:
+        z = z.masked_fill(outside_top_p(z, top_p), float("-inf"))
+    logp = torch.log_softmax(z, -1)
+    cdf = logp.exp().cumsum(-1)
+    u = torch.rand((z.shape[0], 1), generator=generator, device=z.device) * cdf[:, -1:]
+    # right=True: the first index whose cumulative mass exceeds u, never a token of probability 0
+    tok = torch.searchsorted(cdf, u, right=True).clamp_(max=z.shape[-1] - 1).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def outside_top_p(z: "torch.Tensor", top_p: float) -> "torch.Tensor":
+    """HF's TopPLogitsWarper rule: sorted ascending, drop the tokens whose cumulative probability is
+    at most 1 - top_p, always keeping the likeliest."""
+    import torch
+
+    ascending, order = torch.sort(z, descending=False)
+    drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False
+    return drop.scatter(1, order, drop)
 
 
 def by_budget(prompts: list[list[int]], max_tokens: int, max_model_len: int) -> dict[int, list[int]]:

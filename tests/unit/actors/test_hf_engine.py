@@ -132,9 +132,35 @@ def test_prompts_are_left_padded_and_grouped_by_budget() -> None:
 
 
 def test_one_generate_call_per_budget(engine, prompts, monkeypatch) -> None:
+    import actors.hf_engine as hf
+
     calls = []
-    real = engine.model.generate
-    monkeypatch.setattr(engine.model, "generate", lambda x, **kw: calls.append(x.shape) or real(x, **kw))
+    real = hf.decode
+    monkeypatch.setattr(hf, "decode", lambda m, x, mask, **kw: calls.append(x.shape) or real(m, x, mask, **kw))
     groups = engine.generate(prompts, SamplingSpec(n=2, temperature=1.0, max_tokens=4, seed=3))
     assert [len(g) for g in groups] == [2] * len(prompts)
     assert calls == [(2 * len(prompts), max(len(p) for p in prompts))]
+
+
+def test_pick_draws_the_processed_distribution() -> None:
+    """Inverse-CDF draws match softmax(logits / T) with top-p applied (HF's rule) within sampling
+    error, never a token outside top-p, and report that distribution's log-probs."""
+    import torch
+
+    from actors.hf_engine import outside_top_p, pick
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(40000, 1)
+    gen = torch.Generator().manual_seed(0)
+    for temperature, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.8)):
+        z = logits[:1] / temperature
+        z = z.masked_fill(outside_top_p(z, top_p), float("-inf"))
+        want = torch.softmax(z, -1)[0]
+        tok, lp = pick(logits, temperature, top_p, gen)
+        freq = torch.bincount(tok, minlength=6).double() / len(tok)
+        assert torch.all((freq - want).abs() <= 0.01), (temperature, top_p, freq, want)
+        assert torch.all(freq[want == 0] == 0)
+        assert torch.allclose(lp, torch.log(want)[tok], atol=1e-5)
+    # probabilities .56 .21 .13 .08 .03 .004: the likeliest three hold .89 >= .8, the likeliest two .77
+    assert outside_top_p(logits[:1], 0.8).tolist() == [[False, False, False, True, True, True]]
+    tok, lp = pick(logits[:2], 0.0, 1.0, gen)  # greedy: argmax, raw log-prob
+    assert tok.tolist() == [0, 0] and torch.allclose(lp, torch.log_softmax(logits[:2], -1)[:, 0])
