@@ -404,6 +404,9 @@ class RunConfig(Section):
     """Actor processes `or1 run` starts."""
     reward_workers: int = Field(1, ge=0)
     """Reward worker processes `or1 run` starts."""
+    learner_ranks: int = Field(1, ge=1)
+    """Learner ranks `or1 run` starts (> 1: under torchrun on this machine, data-parallel over gloo
+    or NCCL, one OpenMP thread each on CPU)."""
     warm_start: bool = True
     """Warm-start the tiny model with a short supervised pass before RL."""
     cache_dir: str = "~/.cache/or1"

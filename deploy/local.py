@@ -40,10 +40,13 @@ class Fleet:
     learner_ep: str
     children: list[Child] = field(default_factory=list)
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None, ranks: int = 1) -> Child:
+        """`or1 <args>` as a child in its own session, logging to logs/NAME.log; with `ranks` > 1 under
+        torchrun (a rendezvous on a free local port, so concurrent runs do not collide)."""
         log = self.run_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "deploy.cli", *args, "--config", str(self.config_path), "--log-format", "json"]
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+        cmd = [sys.executable, *launch, "-m", "deploy.cli", *args, "--config", str(self.config_path), "--log-format", "json"]
         # One OpenMP thread per process unless the user says otherwise: the roles share this machine's
         # cores, and oversubscribed OpenMP threads spin against each other (10x slower steps seen).
         base = {"OMP_NUM_THREADS": "1", **os.environ}
@@ -87,10 +90,10 @@ def prepare(cfg: Config, explicit_out: bool) -> Config:
     if not explicit_out and lc.run_dir == "runs/latest":
         lc.run_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     if lc.model == "tiny":
-        from common.tinymodel import ensure_tiny_model
+        from common.tinymodel import tiny_model_for
 
         print(f"or1: building or reusing the embedded tiny model in {cfg.run.cache_dir} ...", flush=True)
-        lc.model = str(ensure_tiny_model(Path(cfg.run.cache_dir).expanduser(), warm=cfg.run.warm_start))
+        lc.model = str(tiny_model_for(cfg))
     # A taken port (another run): the learner binds a free one instead and writes RUN_DIR/endpoint,
     # which the other roles read (checking ports here and binding them there would race).
     lc.any_free_port = True
@@ -116,7 +119,7 @@ def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> in
     (run_dir / "endpoint").unlink(missing_ok=True)
     interrupted = False
     try:
-        learner = fleet.start("learner", ["learner"])
+        learner = fleet.start("learner", ["learner"], ranks=cfg.run.learner_ranks)
         fleet.learner_ep = wait_endpoint(run_dir / "endpoint", learner)
         print(f"or1: run directory {run_dir}  (learner {fleet.learner_ep}; `or1 status --learner {fleet.learner_ep}`)",
               flush=True)

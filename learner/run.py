@@ -48,6 +48,10 @@ def run(cfg: Config, log_format: str = "auto") -> int:
 
     trainer = Trainer(model_path, lc, temperature=lc.sampling.temperature)
     if trainer.rank != 0:
+        # rank 0 ends the group (STOP after its final checkpoint, which needs every rank): a
+        # launcher or `or1 run` that signals the whole process group must not kill us first
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         worker_loop(trainer)
         return 0
     ranks = RankGroup(trainer)
@@ -74,14 +78,18 @@ def _run_rank0(cfg: Config, ranks: RankGroup) -> int:
 
 
 def stop_on_signals() -> threading.Event:
-    """An event the first SIGTERM/SIGINT sets (the run ends gracefully at the next step boundary);
-    a second one raises KeyboardInterrupt, for an operator who will not wait."""
+    """An event SIGTERM or SIGINT sets: the run ends gracefully at the next step boundary (final
+    checkpoint, Wait(done)). A second SIGINT raises KeyboardInterrupt, for an operator at a terminal
+    who will not wait; SIGTERM never forces, because a launcher (torchrun, Slurm) may forward one
+    after the process group got its own."""
     stop = threading.Event()
 
     def handle(signum: int, _frame: Any) -> None:
         if stop.is_set():
-            raise KeyboardInterrupt
-        log.info("learner.stopping", signal=signal.Signals(signum).name, force="send it again")
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        log.info("learner.stopping", signal=signal.Signals(signum).name, force="Ctrl-C again")
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,9 +102,9 @@ def resolve_model(cfg: Config) -> str:
     (a local folder, or a hub name that transformers resolves)."""
     if cfg.learner.model != "tiny":
         return cfg.learner.model
-    from common.tinymodel import ensure_tiny_model
+    from common.tinymodel import tiny_model_for
 
-    return str(ensure_tiny_model(Path(cfg.run.cache_dir).expanduser(), warm=cfg.run.warm_start))
+    return str(tiny_model_for(cfg))
 
 
 def schedule_steps(cfg: Config) -> None:
