@@ -5,7 +5,9 @@ Sources (`data_sources(DataConfig)`): either the short form `source`/`split`/`li
 (learner/mixture.py). Each source is read as rows (`load_rows`):
 - `toy:NAME` → `toy_problems(NAME)` (generated, no files) as plain-schema rows: `addition` is every
   single-digit sum "a+b" (100 problems, kind math, reference the sum); `code` is small stdin/stdout
-  programs (kind code, reference a JSON test spec `{"inputs": [...], "outputs": [...]}`).
+  programs (kind code, reference a JSON test spec `{"inputs": [...], "outputs": [...]}`); `chain` is
+  200 running sums of 5–7 digits ("4+7+2+9+5", kind math, reference the sum) that the warm-started
+  model answers with a worked scratchpad of 35–60 tokens (`chain_steps`).
 - a local `.jsonl` / `.json` (JSON lines, or one JSON array) / `.parquet` file, read as it is (no
   schema unification, so `or1 filter` writes kept rows back unchanged);
 - a local folder or a Hub name → `datasets.load_dataset(name, split=split)`.
@@ -100,6 +102,31 @@ def _addition(seed: int) -> list[Problem]:
     return [Problem(f"add-{a}+{b}", [{"role": "user", "content": f"{a}+{b}"}], "math", str(a + b)) for a, b in pairs]
 
 
+def _chain(seed: int, n: int = 200) -> list[Problem]:
+    """Running sums: "4+7+2+9+5" (5 to 7 digits 1-9), worked step by step (`chain_steps`)."""
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        terms = tuple(rng.randint(1, 9) for _ in range(rng.choice((5, 6, 7))))
+        if terms in seen:
+            continue
+        seen.add(terms)
+        text = "+".join(map(str, terms))
+        out.append(Problem(f"chain-{text}", [{"role": "user", "content": text}], "math", str(sum(terms))))
+    return out
+
+
+def chain_steps(question: str) -> str:
+    """The worked scratchpad of a `chain` problem: " 4+7=11, 11+2=13, 13+9=22, 22+5=27." (the
+    warm start's target, followed by the boxed answer)."""
+    terms = [int(t) for t in question.split("+")]
+    steps, acc = [], terms[0]
+    for t in terms[1:]:
+        steps.append(f"{acc}+{t}={acc + t}")
+        acc += t
+    return " " + ", ".join(steps) + "."
+
+
 _CODE_TASKS: list[tuple[str, str, Any]] = [
     ("sum", "Read two integers from stdin and print their sum.", lambda a, b: a + b),
     ("product", "Read two integers from stdin and print their product.", lambda a, b: a * b),
@@ -122,7 +149,7 @@ def _code(seed: int, cases: int = 3) -> list[Problem]:
 
 # The tiny model's tokenizer is trained on these sets (common/tinymodel.py): changing one changes
 # the tokenizer of new builds, so add a set rather than edit one.
-TOY_SETS = {"addition": _addition, "code": _code}
+TOY_SETS = {"addition": _addition, "code": _code, "chain": _chain}
 
 
 def toy_problems(name: str, n: int | None = None, seed: int = 0) -> list[Problem]:

@@ -19,7 +19,9 @@ Build (`build_tiny_model`):
    0.02: measured, the warm start's clean phase then converges in 100–260 steps instead of 500+ (the
    small init sits on a long plateau before the model finds the two operands).
 
-Warm start: see `common/tinywarm.py`. `ensure_tiny_model` caches the finished folder under
+Warm start, one per task (`WARM_TASKS`): `common/tinywarm.py` (toy:addition, the default) and
+`common/tinywarm_chain.py` (toy:chain, worked running sums). A run on `toy:NAME` data gets the model
+warm-started on NAME where there is such a warm start (`tiny_model_for`). `ensure_tiny_model` caches the finished folder under
 `cache_dir/tiny-<hash of the build settings and BUILD_VERSION>`, built in a temp dir and renamed at the
 end, so a crash mid-build is never reused.
 """
@@ -72,6 +74,8 @@ WARM_SECONDS_CAP = 120.0
 """Wall-clock cap of the warm start inside `ensure_tiny_model`/`main`. The warm start needs ~10–15 s of
 one idle core; the cap only stops a pathological run, so a cached model does not depend on how busy the
 machine was while it was built."""
+CHAIN_WARM_SECONDS_CAP = 600.0
+"""The same for toy:chain, whose warm start needs ~60–80 s of one idle core (290 steps)."""
 STALE_PARTIAL_S = 3600.0
 """A partial build folder older than this is from a dead process (a build takes ~20 s) and is removed."""
 CORPUS_FILE = Path(__file__).parent / "toydata" / "tokenizer_corpus.jsonl"
@@ -153,8 +157,8 @@ def _save_tokenizer(tokenizer: "PreTrainedTokenizerFast", out: Path) -> None:
 
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0, task: str = "toy:addition") -> Path:
     """Write an untrained tiny Qwen2 + tokenizer into `out_dir` (created; must be empty or absent).
-    The tokenizer corpus holds every toy set, so `task` is only checked and recorded (or1_tiny.json);
-    the warm start is for toy:addition."""
+    The tokenizer is trained on a fixed corpus (addition, code and the ASCII text: byte-level, so it
+    encodes any text), so `task` is only checked and recorded (or1_tiny.json)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -194,31 +198,61 @@ def count_parameters(model: Any) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def warm_start(model_dir: str | Path, *, seconds: float = 20.0, seed: int = 0) -> dict[str, float]:
-    """Supervised warm start of the folder's model on toy:addition, saved back into the folder;
-    the algorithm is in `common/tinywarm.py`."""
+WARM_TASKS = ("addition", "chain")
+"""The toy sets with a warm start: the task a tiny model is warm-started on."""
+
+
+def warm_task(source: str | None) -> str:
+    """The warm start for a run whose data source is `source`: NAME for `toy:NAME` when NAME has one
+    (`WARM_TASKS`), else addition (the embedded default's)."""
+    name = source[4:] if source and source.startswith("toy:") else ""
+    return name if name in WARM_TASKS else "addition"
+
+
+def warm_start(model_dir: str | Path, *, seconds: float | None = None, seed: int = 0,
+               task: str = "addition") -> dict[str, float]:
+    """Supervised warm start of the folder's model on toy:`task`, saved back into the folder; the
+    algorithms are in `common/tinywarm.py` (addition) and `common/tinywarm_chain.py` (chain)."""
+    if task == "chain":
+        from common.tinywarm_chain import run_chain_warm_start
+
+        return run_chain_warm_start(Path(model_dir), seconds=seconds or CHAIN_WARM_SECONDS_CAP, seed=seed)
+    if task != "addition":
+        raise ValueError(f"no warm start for task {task!r}; known: {', '.join(WARM_TASKS)}")
     from common.tinywarm import run_warm_start
 
-    return run_warm_start(Path(model_dir), seconds=seconds, seed=seed)
+    return run_warm_start(Path(model_dir), seconds=seconds or WARM_SECONDS_CAP, seed=seed)
 
 
-def build_key(*, warm: bool, seed: int) -> str:
-    """Hash of everything the built folder depends on (the warm-start schedule included)."""
+def build_key(*, warm: bool, seed: int, task: str = "addition") -> str:
+    """Hash of everything the built folder depends on (the warm start's task and schedule included;
+    an addition build's key has no task field, so folders built before tasks existed are reused)."""
     from common.tinywarm import WarmSchedule
+    from common.tinywarm_chain import ChainSchedule
 
+    schedule = (ChainSchedule() if task == "chain" else WarmSchedule()) if warm else ""
     settings = {"v": BUILD_VERSION, "warm": warm, "seed": seed, "shape": MODEL_SHAPE, "vocab": VOCAB_SIZE}
-    settings |= {"template": CHAT_TEMPLATE, "schedule": repr(WarmSchedule()) if warm else ""}
+    settings |= {"template": CHAT_TEMPLATE, "schedule": repr(schedule) if warm else ""}
+    if warm and task != "addition":
+        settings["task"] = task
     settings["corpus"] = hashlib.sha256(CORPUS_FILE.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ensure_tiny_model(cache_dir: str | Path, *, warm: bool = True, seed: int = 0) -> Path:
+def tiny_model_for(cfg: Any) -> Path:
+    """The embedded model a config's `learner.model = "tiny"` stands for: built (and warm-started on
+    the task of its data, `warm_task`) once into `run.cache_dir`."""
+    task = warm_task(cfg.learner.data.source)
+    return ensure_tiny_model(Path(cfg.run.cache_dir).expanduser(), warm=cfg.run.warm_start, task=task)
+
+
+def ensure_tiny_model(cache_dir: str | Path, *, warm: bool = True, seed: int = 0, task: str = "addition") -> Path:
     """Return `cache_dir/tiny-<key>`, building (and warm-starting) it first if absent. The build goes
     to a temp dir beside it and is renamed into place only when complete, so a crashed build is never
     reused (its temp dir is removed, or after a hard kill swept by a later call once an hour old); two
     processes racing both build and one rename wins."""
     cache = Path(cache_dir).expanduser()
-    final = cache / f"tiny-{build_key(warm=warm, seed=seed)}"
+    final = cache / f"tiny-{build_key(warm=warm, seed=seed, task=task)}"
     if (final / "or1_tiny.json").is_file():
         return final
     cache.mkdir(parents=True, exist_ok=True)
@@ -227,9 +261,9 @@ def ensure_tiny_model(cache_dir: str | Path, *, warm: bool = True, seed: int = 0
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=cache))
     try:
-        build_tiny_model(tmp / "m", seed=seed)
+        build_tiny_model(tmp / "m", seed=seed, task=f"toy:{task}")
         if warm:
-            metrics = warm_start(tmp / "m", seconds=WARM_SECONDS_CAP, seed=seed)
+            metrics = warm_start(tmp / "m", seed=seed, task=task)
             info = json.loads((tmp / "m" / "or1_tiny.json").read_text())
             (tmp / "m" / "or1_tiny.json").write_text(json.dumps({**info, "warm": metrics}, indent=2) + "\n")
         try:
@@ -242,11 +276,13 @@ def ensure_tiny_model(cache_dir: str | Path, *, warm: bool = True, seed: int = 0
     return final
 
 
-def main(out_dir: str, warm: bool = True, seed: int = 0) -> int:
-    """`or1 tiny-model DIR`: build (and warm-start) into DIR and print a short summary."""
+def main(out_dir: str, warm: bool = True, seed: int = 0, task: str = "addition") -> int:
+    """`or1 tiny-model DIR [--task chain]`: build (and warm-start) into DIR and print a short summary."""
     t0 = time.perf_counter()
     try:
-        out = build_tiny_model(out_dir, seed=seed)
+        if task not in WARM_TASKS:
+            raise ValueError(f"--task must be one of {', '.join(WARM_TASKS)}, got {task!r}")
+        out = build_tiny_model(out_dir, seed=seed, task=f"toy:{task}")
     except (OSError, ValueError) as e:
         print(f"or1 tiny-model: {e}", file=sys.stderr)
         return 1
@@ -254,7 +290,7 @@ def main(out_dir: str, warm: bool = True, seed: int = 0) -> int:
     took = time.perf_counter() - t0
     print(f"built {out}: {info['params']:,} parameters, vocab {info['vocab']} ({took:.1f}s)")
     if warm:
-        metrics = warm_start(out, seconds=WARM_SECONDS_CAP, seed=seed)
+        metrics = warm_start(out, seed=seed, task=task)
         (out / "or1_tiny.json").write_text(json.dumps({**info, "warm": metrics}, indent=2) + "\n")
         print("warm start: " + " ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
     return 0

@@ -43,11 +43,18 @@ def _exit_with(fn, /, *args, errors: tuple[type[Exception], ...] = (), **kwargs)
     raise typer.Exit(status)
 
 
-def default_run_config() -> str:
-    """The embedded default: the tiny model on the toy task (deploy/configs/tiny.toml)."""
+TASKS = {"addition": "tiny.toml", "chain": "chain.toml"}
+"""`or1 run --task NAME`: the embedded tasks, each a config in deploy/configs/ (the tiny model on
+toy:NAME, warm-started on it)."""
+
+
+def default_run_config(task: str = "addition") -> str:
+    """The embedded config of `task` (deploy/configs/tiny.toml for the default, addition)."""
     from pathlib import Path
 
-    return str(Path(__file__).parent / "configs" / "tiny.toml")
+    if task not in TASKS:
+        raise typer.BadParameter(f"unknown task {task!r}; known: {', '.join(TASKS)}", param_hint="--task")
+    return str(Path(__file__).parent / "configs" / TASKS[task])
 
 
 @app.command()
@@ -61,11 +68,16 @@ def run(
     engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
     model: Optional[str] = typer.Option(None, help="Model folder, hub name, or 'tiny' (e.g. from or1 make-model)."),
     out: Optional[str] = typer.Option(None, help="Run directory (default runs/<timestamp>)."),
+    task: Optional[str] = typer.Option(
+        None, help="An embedded task instead of --config: addition (the default; 8-token answers) or chain "
+                   "(running sums worked step by step, 35-60-token answers)."),
     log_format: str = LogOpt,
 ) -> None:
     """Train on this machine: learner, actors and reward workers as separate processes over the bus.
     With no arguments: the embedded tiny model on the toy task, nothing downloaded."""
-    cfg = _config(config or default_run_config(), set_, **{"run.steps": steps, "run.actors": actors, "run.reward_workers": reward_workers,
+    if config and task:
+        raise typer.BadParameter("give --config or --task, not both (a task is an embedded config)", param_hint="--task")
+    cfg = _config(config or default_run_config(task or "addition"), set_, **{"run.steps": steps, "run.actors": actors, "run.reward_workers": reward_workers,
                                    "learner.max_staleness": max_staleness, "actor.engine": engine, "learner.run_dir": out,
                                    "learner.model": model})
     from deploy.local import run as run_local
@@ -299,11 +311,12 @@ def tiny_model(
     directory: str = typer.Argument(..., help="Where to write the model folder."),
     warm: bool = typer.Option(True, "--warm/--no-warm", help="Warm-start with a short supervised pass."),
     seed: int = typer.Option(0, help="Seed."),
+    task: str = typer.Option("addition", help="The toy task to warm-start on: addition or chain."),
 ) -> None:
     """Build the embedded tiny Qwen2 model with its own tokenizer (an ordinary HF folder)."""
     from common.tinymodel import main
 
-    raise typer.Exit(main(directory, warm=warm, seed=seed))
+    raise typer.Exit(main(directory, warm=warm, seed=seed, task=task))
 
 
 @app.command("make-model")

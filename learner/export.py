@@ -85,9 +85,9 @@ def base_model(checkpoint: Path) -> str:
     cfg = load_config(path)
     if cfg.learner.model != "tiny":
         return cfg.learner.model
-    from common.tinymodel import ensure_tiny_model
+    from common.tinymodel import tiny_model_for
 
-    return str(ensure_tiny_model(Path(cfg.run.cache_dir).expanduser(), warm=cfg.run.warm_start))
+    return str(tiny_model_for(cfg))
 
 
 def deepspeed_state_dict(checkpoint: Path) -> dict[str, "torch.Tensor"]:

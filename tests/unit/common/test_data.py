@@ -38,6 +38,25 @@ def test_toy_code_specs_are_consistent_stdin_stdout_tests():
         assert out == f"{a + b}\n"
 
 
+def test_toy_chain_is_running_sums_worked_step_by_step():
+    from bus.messages import ScoreItem
+    from common.config import RewardConfig
+    from common.data import chain_steps
+    from common.tinymodel import answer_text
+    from rewards.core import score_one
+
+    probs = toy_problems("chain")
+    assert len(probs) == 200 and len({p.id for p in probs}) == 200
+    for p in probs:
+        terms = [int(t) for t in p.messages[0]["content"].split("+")]
+        assert 5 <= len(terms) <= 7 and all(1 <= t <= 9 for t in terms) and p.reference == str(sum(terms))
+        assert p.kind == "math" and p.id == f"chain-{p.messages[0]['content']}"
+    assert chain_steps("7+1+5") == " 7+1=8, 8+5=13."
+    worked = chain_steps(probs[0].messages[0]["content"]) + answer_text(probs[0].reference)
+    assert score_one(ScoreItem("math", worked, probs[0].reference), RewardConfig()).reward == 1.0
+    assert [p.id for p in toy_problems("chain", seed=1)] != [p.id for p in probs]
+
+
 def test_unknown_toy_set_is_a_clear_error():
     with pytest.raises(DataError, match="unknown toy set 'nope'"):
         load_problems(DataConfig(source="toy:nope"))

@@ -153,6 +153,36 @@ def test_ensure_caches_and_ignores_partial_builds(tmp_path, monkeypatch):
     assert build_key(warm=True, seed=0) != key and build_key(warm=False, seed=1) != key
 
 
+def test_warm_task_follows_the_toy_data_and_keys_differ():
+    assert tinymodel.warm_task("toy:chain") == "chain"
+    assert tinymodel.warm_task("toy:addition") == tinymodel.warm_task("toy:code") == "addition"
+    assert tinymodel.warm_task("data/train.jsonl") == tinymodel.warm_task(None) == "addition"
+    assert build_key(warm=True, seed=0, task="chain") != build_key(warm=True, seed=0)
+    assert build_key(warm=False, seed=0, task="chain") == build_key(warm=False, seed=0)  # no warm start, same folder
+    with pytest.raises(ValueError, match="no warm start"):
+        tinymodel.warm_start("unused", task="code")
+
+
+def test_short_chain_warm_start_learns_the_format_deterministically(folder, tmp_path):
+    """60 steps (step-capped): the scratchpad's form is learned (most samples end in a boxed number),
+    P(whole right response) rises from ~0, and two runs give the same weights."""
+    import shutil
+
+    from common.tinywarm_chain import ChainSchedule, run_chain_warm_start
+
+    short = ChainSchedule(max_steps=60, target_p=1.0, samples=1)
+    runs = []
+    for name in ("a", "b"):
+        shutil.copytree(folder, tmp_path / name)
+        runs.append(run_chain_warm_start(tmp_path / name, seconds=300.0, seed=0, schedule=short))
+    a, b = runs
+    assert a["warm/steps"] == 60 and a["warm/budget_hit"] == 0
+    assert a["warm/format_rate_t1"] >= 0.5
+    weights = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert weights == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert {k: v for k, v in a.items() if "seconds" not in k} == {k: v for k, v in b.items() if "seconds" not in k}
+
+
 def test_short_warm_start_learns_and_is_deterministic(folder, tmp_path):
     """60 clean steps and 6 noisy ones (step-capped, so the result does not depend on the machine's
     load): the format is learned, greedy is far above chance, and two runs give the same weights."""

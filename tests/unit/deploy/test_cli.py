@@ -60,3 +60,18 @@ def test_data_commands_help_and_bad_input():
         assert out.returncode == 0 and flag in out.stdout, c
     out = or1("export", "/nonexistent/checkpoints/step_000001", "/tmp/never")
     assert out.returncode == 2 and "not a complete checkpoint" in out.stderr
+
+
+def test_run_task_picks_an_embedded_config_and_refuses_bad_use(tmp_path):
+    from deploy.cli import TASKS, default_run_config
+
+    from common.config import load_config
+
+    chain = load_config(default_run_config("chain"))
+    assert chain.learner.data.source == "toy:chain" and chain.learner.model == "tiny"
+    assert chain.learner.stages[0].max_response_tokens >= 60  # the longest worked answer + eos
+    assert set(TASKS) == {"addition", "chain"}
+    out = or1("run", "--task", "poetry")
+    assert out.returncode == 2 and "unknown task 'poetry'" in out.stderr and "chain" in out.stderr
+    out = or1("run", "--task", "chain", "--config", str(tmp_path / "x.toml"))
+    assert out.returncode == 2 and "not both" in out.stderr
