@@ -103,12 +103,10 @@ FREE_PORTS = ["learner.control_port=0", "learner.weights_port=0"]
 """or1's run binds ports the learner picks: `or1 run` binds 5555/5556 when they look free at start,
 and on a machine where other runs start meanwhile (tests, a DeepSpeed op built for minutes first)
 another learner can take them before this one binds. Ports change nothing else."""
-TASKS: dict[str, list[str]] = {
-    "addition": [],
-}
-"""The one place to add a task: its name -> `or1 run --set` overrides on top of the embedded config
-(the default task is the embedded `toy:addition`). The TRL side reads model, data, reward kind and
-settings from the same resolved config."""
+TASK_SETS: dict[str, list[str]] = {}
+"""Per task (`or1 run --task NAME`, deploy/cli.py TASKS: addition, chain), `--set` overrides on top of
+its embedded config, if any; the TRL side reads model, data, reward kind and settings from the same
+resolved config."""
 
 
 @dataclass
@@ -178,8 +176,9 @@ def resolved_config(task: str, seed: int) -> tuple[Any, list[str]]:
     from common.config import load_config
     from deploy.cli import default_run_config
 
-    sets = [*TASKS[task], f"learner.trainer.seed={seed}", f"learner.data.seed={seed}", f"actor.seed={seed}"]
-    return load_config(default_run_config(), sets), sets
+    sets = [*TASK_SETS.get(task, []), f"learner.trainer.seed={seed}", f"learner.data.seed={seed}",
+            f"actor.seed={seed}"]
+    return load_config(default_run_config(task), sets), sets
 
 
 def model_folder(cfg: Any) -> Path:
@@ -187,9 +186,9 @@ def model_folder(cfg: Any) -> Path:
     absent, exactly as deploy/local.py `prepare` builds it)."""
     if cfg.learner.model != "tiny":
         return Path(cfg.learner.model)
-    from common.tinymodel import ensure_tiny_model
+    from common.tinymodel import tiny_model_for
 
-    return ensure_tiny_model(Path(cfg.run.cache_dir).expanduser(), warm=cfg.run.warm_start)
+    return tiny_model_for(cfg)
 
 
 def stop_index(rewards: list[float], target: float | None, window: int) -> int | None:
@@ -215,7 +214,7 @@ def run_or1(task: str, seed: int, work: Path) -> SideResult:
     `python -m deploy.cli` from the repository root), then its run directory read back."""
     cfg, sets = resolved_config(task, seed)
     run_dir = work / f"or1-seed{seed}"
-    cmd = [sys.executable, "-m", "deploy.cli", "run", "--out", str(run_dir), "--log-format", "json"]
+    cmd = [sys.executable, "-m", "deploy.cli", "run", "--task", task, "--out", str(run_dir), "--log-format", "json"]
     cmd += [a for s in [*sets, *FREE_PORTS] for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     with open(work / f"or1-seed{seed}.out", "wb") as out, Meter() as meter:
@@ -462,9 +461,11 @@ def result_line(runs: list[dict[str, SideResult]]) -> str:
 
 
 def main() -> None:
+    from deploy.cli import TASKS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--task", choices=sorted(TASKS), default="addition")
+    ap.add_argument("--task", choices=sorted(TASKS), default="addition", help="an `or1 run --task` task")
     ap.add_argument("--trl-engine", choices=("hf", "vllm"), default="hf",
                     help="TRL's generation: transformers generate (default) or vLLM colocate (slower here)")
     ap.add_argument("--keep", default="", help="Keep the run directories and logs here (default: a temp dir, removed)")
