@@ -91,7 +91,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
@@ -518,7 +517,7 @@ def learner_alone_rank(args: argparse.Namespace) -> None:
         finally:
             group.stop()
             weights.stop()
-        print(f"publish by part (versions 0-2): " + "; ".join(f"{k} " + ", ".join(f"{x:.2f}" for x in v)
+        print("publish by part (versions 0-2): " + "; ".join(f"{k} " + ", ".join(f"{x:.2f}" for x in v)
                                                               for k, v in times.items()), file=sys.stderr, flush=True)
         (out / "publish_parts.json").write_text(json.dumps(times))
     mark("end")

@@ -37,7 +37,6 @@ import os
 import re
 import secrets
 import socket
-import threading
 import weakref
 from functools import lru_cache
 from pathlib import Path

@@ -12,7 +12,6 @@ load is only what was trained, and every granted (lease, prompt) ended exactly o
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 
 import numpy as np
