@@ -233,8 +233,11 @@ def build_key(*, warm: bool, seed: int, task: str = "addition") -> str:
     schedule = (ChainSchedule() if task == "chain" else WarmSchedule()) if warm else ""
     settings = {"v": BUILD_VERSION, "warm": warm, "seed": seed, "shape": MODEL_SHAPE, "vocab": VOCAB_SIZE}
     settings |= {"template": CHAT_TEMPLATE, "schedule": repr(schedule) if warm else ""}
-    if warm and task != "addition":
+    if warm and task != "addition":  # the task and its problems, in the order the warm start sees them
+        from common.data import toy_problems
+
         settings["task"] = task
+        settings["problems"] = hashlib.sha256("\n".join(p.id for p in toy_problems(task)).encode()).hexdigest()
     settings["corpus"] = hashlib.sha256(CORPUS_FILE.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
