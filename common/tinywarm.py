@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,36 +246,47 @@ def sample_metrics(
     return {"warm/accuracy_t1": right / len(gold), "warm/format_rate_t1": fmt / len(gold)}
 
 
-def run_warm_start(
-    model_dir: Path, *, seconds: float = 20.0, seed: int = 0, schedule: WarmSchedule = WarmSchedule()
-) -> dict[str, float]:
-    """Train the folder's model as described in the module docstring, save it back, return metrics."""
+@contextmanager
+def warm_session(model_dir: Path, *, threads: int, seed: int) -> Iterator[tuple[Any, Any]]:
+    """The frame of a warm start (this one and common/tinywarm_chain.py's): `threads` torch threads
+    and a forked RNG seeded with `seed` while it runs, the folder's tokenizer and float32 model, the
+    model saved back into the folder when the block ends without an error."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    s = schedule
-    threads = torch.get_num_threads()
-    torch.set_num_threads(s.threads)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-            batch = make_batch(tokenizer)
-            gen = torch.Generator().manual_seed(seed + 1)
-            clean_end = t0 + s.clean_share * seconds
-            clean_steps, hit1 = train_phase(model, batch, clean_phase(s), size=s.batch, gen=gen, deadline=clean_end)
-            noisy_steps, hit2 = train_phase(model, batch, noisy_phase(s), size=s.batch, gen=gen, deadline=t0 + seconds)
-            logp, ok = answer_logprobs(model, batch)
-            metrics = {"warm/accuracy_greedy": ok.float().mean().item()}
-            metrics["warm/p_correct_t1"] = logp.exp().mean().item()
-            metrics |= sample_metrics(
-                model, batch, tokenizer, samples=s.samples, max_new_tokens=s.max_new_tokens, seed=seed + 2
-            )
+            yield tokenizer, model
         model.save_pretrained(str(model_dir), safe_serialization=True)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
+
+
+def run_warm_start(
+    model_dir: Path, *, seconds: float = 20.0, seed: int = 0, schedule: WarmSchedule = WarmSchedule()
+) -> dict[str, float]:
+    """Train the folder's model as described in the module docstring, save it back, return metrics."""
+    import torch
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    s = schedule
+    with warm_session(model_dir, threads=s.threads, seed=seed) as (tokenizer, model):
+        batch = make_batch(tokenizer)
+        gen = torch.Generator().manual_seed(seed + 1)
+        clean_end = t0 + s.clean_share * seconds
+        clean_steps, hit1 = train_phase(model, batch, clean_phase(s), size=s.batch, gen=gen, deadline=clean_end)
+        noisy_steps, hit2 = train_phase(model, batch, noisy_phase(s), size=s.batch, gen=gen, deadline=t0 + seconds)
+        logp, ok = answer_logprobs(model, batch)
+        metrics = {"warm/accuracy_greedy": ok.float().mean().item()}
+        metrics["warm/p_correct_t1"] = logp.exp().mean().item()
+        metrics |= sample_metrics(
+            model, batch, tokenizer, samples=s.samples, max_new_tokens=s.max_new_tokens, seed=seed + 2
+        )
     metrics |= {
         "warm/clean_steps": float(clean_steps),
         "warm/noisy_steps": float(noisy_steps),

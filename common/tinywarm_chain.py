@@ -30,6 +30,7 @@ from typing import Any
 
 from common.data import chain_steps, tokenize_prompts, toy_problems
 from common.tinymodel import answer_text
+from common.tinywarm import warm_session
 
 BOXED_RE = re.compile(r"\\boxed\{(\d+)\}$")
 
@@ -152,26 +153,16 @@ def run_chain_warm_start(model_dir: Path, *, seconds: float = 120.0, seed: int =
                          schedule: ChainSchedule = ChainSchedule()) -> dict[str, float]:
     """Train the folder's model as the module docstring says, save it back, return metrics."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0, c0 = time.perf_counter(), time.process_time()
     s = schedule
-    threads = torch.get_num_threads()
-    torch.set_num_threads(s.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-            batch = make_chain_batch(tokenizer)
-            steps, hit = train(model, batch, s, gen=torch.Generator().manual_seed(seed + 1), deadline=t0 + seconds)
-            with torch.no_grad():
-                logp, ok = response_logprobs(model, batch)
-            metrics = {"warm/accuracy_greedy": ok.float().mean().item(), "warm/p_correct_t1": logp.exp().mean().item()}
-            metrics |= sample_metrics(model, batch, tokenizer, samples=s.samples, max_new_tokens=s.max_new_tokens,
-                                      seed=seed + 2)
-        model.save_pretrained(str(model_dir), safe_serialization=True)
-    finally:
-        torch.set_num_threads(threads)
+    with warm_session(model_dir, threads=s.threads, seed=seed) as (tokenizer, model):
+        batch = make_chain_batch(tokenizer)
+        steps, hit = train(model, batch, s, gen=torch.Generator().manual_seed(seed + 1), deadline=t0 + seconds)
+        with torch.no_grad():
+            logp, ok = response_logprobs(model, batch)
+        metrics = {"warm/accuracy_greedy": ok.float().mean().item(), "warm/p_correct_t1": logp.exp().mean().item()}
+        metrics |= sample_metrics(model, batch, tokenizer, samples=s.samples, max_new_tokens=s.max_new_tokens,
+                                  seed=seed + 2)
     return metrics | {"warm/steps": float(steps), "warm/budget_hit": float(hit),
                       "warm/seconds": time.perf_counter() - t0, "warm/cpu_seconds": time.process_time() - c0}

@@ -153,6 +153,17 @@ def test_ensure_caches_and_ignores_partial_builds(tmp_path, monkeypatch):
     assert build_key(warm=True, seed=0) != key and build_key(warm=False, seed=1) != key
 
 
+def twice(warm, folder: Path, tmp_path: Path, schedule) -> list[dict[str, float]]:
+    """`warm` run on two copies of the untrained folder (tmp_path/a, tmp_path/b), same seed."""
+    import shutil
+
+    runs = []
+    for name in ("a", "b"):
+        shutil.copytree(folder, tmp_path / name)
+        runs.append(warm(tmp_path / name, seconds=300.0, seed=0, schedule=schedule))
+    return runs
+
+
 def test_warm_task_follows_the_toy_data_and_keys_differ():
     assert tinymodel.warm_task("toy:chain") == "chain"
     assert tinymodel.warm_task("toy:addition") == tinymodel.warm_task("toy:code") == "addition"
@@ -165,17 +176,10 @@ def test_warm_task_follows_the_toy_data_and_keys_differ():
 
 def test_short_chain_warm_start_learns_the_format_deterministically(folder, tmp_path):
     """60 steps (step-capped): the scratchpad's form is learned (most samples end in a boxed number),
-    P(whole right response) rises from ~0, and two runs give the same weights."""
-    import shutil
-
+    and two runs give the same weights."""
     from common.tinywarm_chain import ChainSchedule, run_chain_warm_start
 
-    short = ChainSchedule(max_steps=60, target_p=1.0, samples=1)
-    runs = []
-    for name in ("a", "b"):
-        shutil.copytree(folder, tmp_path / name)
-        runs.append(run_chain_warm_start(tmp_path / name, seconds=300.0, seed=0, schedule=short))
-    a, b = runs
+    a, b = twice(run_chain_warm_start, folder, tmp_path, ChainSchedule(max_steps=60, target_p=1.0, samples=1))
     assert a["warm/steps"] == 60 and a["warm/budget_hit"] == 0
     assert a["warm/format_rate_t1"] >= 0.5
     weights = (tmp_path / "a" / "model.safetensors").read_bytes()
@@ -186,16 +190,9 @@ def test_short_chain_warm_start_learns_the_format_deterministically(folder, tmp_
 def test_short_warm_start_learns_and_is_deterministic(folder, tmp_path):
     """60 clean steps and 6 noisy ones (step-capped, so the result does not depend on the machine's
     load): the format is learned, greedy is far above chance, and two runs give the same weights."""
-    import shutil
-
     from common.tinywarm import WarmSchedule, run_warm_start
 
-    short = WarmSchedule(max_clean_steps=60, max_noisy_steps=6, samples=2)
-    runs = []
-    for name in ("a", "b"):
-        shutil.copytree(folder, tmp_path / name)
-        runs.append(run_warm_start(tmp_path / name, seconds=300.0, seed=0, schedule=short))
-    a, b = runs
+    a, b = twice(run_warm_start, folder, tmp_path, WarmSchedule(max_clean_steps=60, max_noisy_steps=6, samples=2))
     assert set(a) >= {"warm/accuracy_greedy", "warm/accuracy_t1", "warm/format_rate_t1", "warm/seconds", "warm/p_correct_t1"}
     assert a["warm/budget_hit"] == 0 and a["warm/clean_steps"] == 60 and a["warm/noisy_steps"] == 6
     assert a["warm/format_rate_t1"] >= 0.8
