@@ -227,25 +227,6 @@ def test_a_new_version_is_loaded_before_the_next_lease(learner):
         scorer.close()
 
 
-def test_an_actor_waiting_on_admission_asks_again_when_a_step_is_announced(learner, monkeypatch):
-    """η = 0, B = 2: after its first lease the actor is told Wait(admission). The retry is made 60 s
-    here, so only the learner's announcement of the step (a Heartbeat pushed to every actor) can
-    bring its next lease within the test's 15 s."""
-    monkeypatch.setattr("learner.scheduler.RETRY_ADMISSION_S", 60.0)
-    ln = learner()
-    scorer = Scorer(ln.server.endpoint)
-    run = Running(ln, FakeEngine())
-    try:
-        until(lambda: ln.seen("lease_end", reason="completed"), what="the first lease")
-        assert len(ln.seen("lease")) == 1
-        assert ln.step() == 1
-        until(lambda: len(ln.seen("lease")) >= 2, what="a lease soon after the step")
-        assert run.actor.stats.idle_s < 30
-    finally:
-        run.stop()
-        scorer.close()
-
-
 def lie_about_the_held_version(ln: Learner) -> None:
     """The learner believes the actor holds one version more than its LeaseRequest says, so it may
     grant a lease whose min_version is above what the actor holds (the path an actor must guard)."""

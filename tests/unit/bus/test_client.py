@@ -101,28 +101,6 @@ def test_push_from_server_arrives_via_recv(server: Server) -> None:
         c.close()
 
 
-def test_pushed_version_wakes_wait_newer(server: Server) -> None:
-    """A Heartbeat the server sends unprompted (the learner announcing a step) updates
-    server_version and wakes `wait_newer` at once; an older or equal version does not."""
-    server.start()
-    c = make_client(server.endpoint, worker_id="a9")
-    try:
-        c.connect(timeout=5)
-        assert c.server_version == 3  # from the Welcome
-        assert not c.wait_newer(3, timeout=0.05)
-        woke: list[float] = []
-        t = threading.Thread(target=lambda: woke.append(c.wait_newer(3, timeout=5) and time.monotonic()))
-        t.start()
-        time.sleep(0.1)
-        sent = time.monotonic()
-        assert server.send("a9", M.Heartbeat(version=4, max_staleness=2))
-        t.join(5)
-        assert woke and woke[0] and woke[0] - sent < 1.0
-        assert c.server_version == 4 and c.wait_newer(3, timeout=0)
-    finally:
-        c.close()
-
-
 def test_heartbeats_keep_a_blocked_caller_alive_and_carry_stats(server: Server) -> None:
     deaths: list[str] = []
     server.on_dead(lambda p: deaths.append(p.worker_id))
