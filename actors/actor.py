@@ -167,7 +167,6 @@ class Actor:
         self.curve = client_curve(cfg.bus.curve_dir, ROLE_ACTOR, cfg.bus.client_key)
         self.relay = self._make_relay()
         self.relay_endpoint = relay_advertise(self.relay.endpoint if self.relay else "", self.a.relay_advertise)
-        self._asked_at = -1  # the learner version known when the last lease was asked for
         self.client = Client(self.a.learner, self._hello, heartbeat_s=cfg.bus.heartbeat_s, liveness=cfg.bus.liveness,
                              stats=self._heartbeat_stats, max_message_bytes=cfg.bus.max_message_bytes,
                              curve=self.curve, problem=lambda: self.sync.problem, health_file=cfg.bus.health_file)
@@ -296,7 +295,6 @@ class Actor:
         return self._work(reply)
 
     def _request_lease(self) -> Lease | Wait | None:
-        self._asked_at = self.client.server_version  # a newer one after this may have freed a slot
         msg = LeaseRequest(max_groups=self.a.max_groups, weight_version=self.held_version)
         try:
             reply = self.client.request(msg, timeout=REQUEST_TIMEOUT_S)
@@ -314,8 +312,8 @@ class Actor:
         if wait.reason == WAIT_WEIGHTS:
             self.sync.want(wait.min_version)
             self._load(self._wait_version(wait.min_version, timeout=max(wait.retry_after_s, 5.0)))
-        else:  # admission, no data: a step (announced at once) frees slots; else ask again after retry_after
-            self._pause(wait.retry_after_s, newer_than=self._asked_at)
+        else:
+            self._pause(wait.retry_after_s)
         self.stats.idle_s += time.perf_counter() - t0
         return True
 
@@ -426,12 +424,7 @@ class Actor:
                 return store
         return None
 
-    def _pause(self, seconds: float, newer_than: int | None = None) -> None:
-        """Sleep `seconds`, looking at the stop flag every POLL_S; with `newer_than`, end as soon as
-        the learner announces a version above it."""
+    def _pause(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
-            if newer_than is None:
-                time.sleep(min(left, POLL_S))
-            elif self.client.wait_newer(newer_than, min(left, POLL_S)):
-                return
+            time.sleep(min(left, POLL_S))

@@ -118,9 +118,8 @@ class Client:
         self.liveness = liveness
         self.max_message_bytes = max_message_bytes
         self.welcome: Welcome | None = None
-        self.server_version = -1  # the learner's published version, from Welcome and every Heartbeat it sends
+        self.server_version = -1
         self.server_max_staleness = -1
-        self._version_cv = threading.Condition()
         self.reconnects = 0
         self.metrics: dict[str, float] = dict.fromkeys(
             ("bus/reconnects", "bus/bad_messages", "bus/errors", "bus/messages_in", "bus/messages_out"), 0.0)
@@ -146,17 +145,6 @@ class Client:
         self._closed = False
 
     # --- caller API --------------------------------------------------------------------------
-
-    def saw_version(self, version: int) -> None:
-        """The server announced `version` (I/O thread): wake `wait_newer`."""
-        with self._version_cv:
-            self.server_version = version
-            self._version_cv.notify_all()
-
-    def wait_newer(self, version: int, timeout: float) -> bool:
-        """Block until the server announces a version above `version`, at most `timeout` s."""
-        with self._version_cv:
-            return self._version_cv.wait_for(lambda: self.server_version > version, timeout)
 
     def on_welcome(self, fn: Callable[[Welcome], None]) -> None:
         """Called on the I/O thread after every (re)Welcome."""

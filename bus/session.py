@@ -269,7 +269,7 @@ class Session:
             self.on_welcome(msg)
         elif isinstance(msg, Heartbeat):
             if msg.version >= 0:
-                c.saw_version(msg.version)
+                c.server_version = msg.version
             if msg.max_staleness >= 0:
                 c.server_max_staleness = msg.max_staleness
         elif isinstance(msg, Error) and msg.code == ERR_HELLO_FIRST:
@@ -306,7 +306,7 @@ class Session:
             c.reconnects += 1
             c.metrics["bus/reconnects"] = float(c.reconnects)
         c.welcome = w
-        c.saw_version(w.version)
+        c.server_version = w.version
         c.server_max_staleness = w.max_staleness
         if w.heartbeat_s > 0:
             c.heartbeat_s = w.heartbeat_s

@@ -293,19 +293,12 @@ class LearnerService:
         return None
 
     def step_done(self, version: int) -> dict[str, float]:
-        """The batch was trained and weights `version` are published: advance the scheduler, then
-        tell every actor (a Heartbeat carrying the version): one waiting on admission or on these
-        weights asks again at once instead of at its next retry or heartbeat (on the toy task a
-        step is ~0.08 s, the admission retry 0.2 s)."""
+        """The batch was trained and weights `version` are published: advance the scheduler."""
         with self.lock:
             self.published_version = version
             m = self.scheduler.on_step()
             self.ready.notify_all()
-            news = Heartbeat(version=version, max_staleness=self.scheduler.eta)
-        for p in self.server.peers() if self.server else []:
-            if p.role == ROLE_ACTOR:
-                self._send(p.worker_id, news)
-        return m
+            return m
 
     def fleet_metrics(self) -> dict[str, float]:
         """Actor throughput and sync times from the last heartbeats (sum of tokens/s, mean of the rest)."""
