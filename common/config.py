@@ -366,12 +366,6 @@ class RewardConfig(Section):
     """Stable id of this reward worker (default: host-pid)."""
     workers: int = Field(2, ge=1, le=256)
     """Scoring processes in the pool."""
-    queue: int = Field(16, ge=0, le=4096)
-    """Items the worker takes beyond one per scoring process (its credits are workers + queue): the
-    next group waits in its pool's queue instead of a round trip away at the learner. Measured on the
-    toy task with one process and no queue: the learner could send one group at a time, and every
-    other step waited ~0.19 s for its scores. Keep workers + queue items well within
-    learner.score_timeout_s of scoring, or a slow queue is taken for a stuck worker."""
     math_timeout_s: float = Field(10.0, gt=0)
     """Most seconds one math verification may take (math-verify can hang)."""
     code_timeout_s: float = Field(6.0, gt=0)

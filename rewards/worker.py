@@ -1,10 +1,8 @@
 """`or1 reward`: the reward worker service — score what the learner sends, in a process pool.
 
 Protocol (DEALER side, `bus.client.Client`):
-1. Hello(role="reward", worker_id, capacity = workers + queue); after every Welcome (first
-   connect, reconnect, learner restart) send Ready(free), free = capacity − items held. The queue
-   (`reward.queue` items beyond one per scoring process) keeps the pool busy across the round trip
-   of a result and the learner's next request.
+1. Hello(role="reward", worker_id, capacity=workers); after every Welcome (first connect,
+   reconnect, learner restart) send Ready(free), free = capacity − items held.
 2. ScoreRequest(request_id, items): every item goes to the pool (`rewards.pool.ScorePool`) at
    once; when the last one resolves, ScoreResult(request_id, results in item order) goes back,
    followed by Ready(free). Ready is absolute ("I can take `free` more now"), matching
@@ -79,12 +77,7 @@ class RewardService:
 
     def _hello(self) -> Hello:
         return Hello(role=ROLE_REWARD, worker_id=self.worker_id, host=socket.gethostname(),
-                     capacity=self.capacity)
-
-    @property
-    def capacity(self) -> int:
-        """Items held at most: one per scoring process plus `reward.queue` waiting in the pool."""
-        return self.cfg.workers + self.cfg.queue
+                     capacity=self.cfg.workers)
 
     def _stats(self) -> dict[str, float]:
         stats = {k: float(v) for k, v in self.pool.stats.metrics().items()}
@@ -92,7 +85,7 @@ class RewardService:
 
     def _free(self) -> int:
         with self._held_lock:
-            return max(0, self.capacity - self._held)
+            return max(0, self.cfg.workers - self._held)
 
     def _on_welcome(self, welcome: Welcome) -> None:
         self.log.info("welcome", epoch=welcome.epoch, run_id=welcome.run_id)

@@ -174,8 +174,6 @@ def assert_exactly_once(learner: Learner, keys: range) -> None:
 
 def test_worker_killed_mid_request_loses_nothing(fleet):
     learner, workers = fleet(heartbeat_s=0.2, liveness=5, timeout_s=60.0)
-    with learner.lock:  # credits: one scoring process + reward.queue (16) items waiting in its pool
-        assert learner.dispatcher.workers() == {"w1": 17, "w2": 17}
     keys = range(8)
     for k in keys:
         learner.submit(k, unit(k))
