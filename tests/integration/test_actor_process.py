@@ -65,8 +65,10 @@ def test_vllm_actor_follows_versions_and_min_version(tmp_path, tiny_model_dir):
 
 
 def test_sigterm_releases_leases_at_once(tmp_path, tiny_model_dir):
-    # n = 64 samples per prompt on one thread: a generation takes long enough to be caught in it
-    cfg, path = config(tmp_path, tiny_model_dir, "hf", steps=100, group_size=64, batch=4)
+    # n = 512 samples per prompt on one thread (1,024 rows a lease): a generation takes long enough
+    # (~0.5 s) to be caught in it; with n = 64 the engine's own decoding loop finished within the
+    # test's 0.05 s poll and the lease was trained, not released
+    cfg, path = config(tmp_path, tiny_model_dir, "hf", steps=100, group_size=512, batch=4)
     ep = f"tcp://127.0.0.1:{cfg.learner.control_port}"
     learner = or1("learner", "--config", str(path), "--log-format", "json", log=tmp_path / "learner.log")
     reward = or1("reward", "--config", str(path), "--learner", ep, "--worker-id", "rw", log=tmp_path / "reward.log")
