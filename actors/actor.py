@@ -9,6 +9,8 @@
             Wait(done)      → leave
         never generate with weights older than the lease's min_version
         generate n samples per prompt → Submit(groups tagged with the held version) → SubmitAck
+            (actor.update_mode = in_flight: newer weights load while the lease generates; each
+             sample says which tokens each version sampled, its group is tagged with the oldest)
     stop flag (SIGTERM / SIGINT) → Release(held leases) → Bye
 
 Threads: the main thread runs the loop; the engine runs on its own thread (`EngineThread`), so the
@@ -41,8 +43,8 @@ from actors.weights_io import named_tensors
 from bus.auth import client_curve, server_curve
 from bus.client import Client, RemoteError
 from bus.messages import (
-    ROLE_ACTOR, WAIT_DONE, WAIT_WEIGHTS, Group, Hello, Lease, LeaseRequest, Release, Sample, Submit, SubmitAck, Wait,
-    Welcome,
+    ROLE_ACTOR, WAIT_DONE, WAIT_WEIGHTS, Group, Hello, Lease, LeaseRequest, Release, Sample, Submit, SubmitAck,
+    VersionSpan, Wait, Welcome,
 )
 from bus.weights import shm
 from bus.weights.server import WeightServer
@@ -80,6 +82,7 @@ class ActorStats:
     leases: int = 0
     load_s: float = 0.0
     pause_s: float = 0.0
+    in_flight_loads: int = 0
     _rate: float = 0.0
     _mark: tuple[float, int] | None = None  # (monotonic time, tokens) at the last rate measurement
 
@@ -106,6 +109,7 @@ class ActorStats:
             "weights/transfer_s": sync_stats.transfer_s,
             "weights/load_s": self.load_s,
             "weights/pause_s": self.pause_s,
+            "weights/in_flight_loads": float(self.in_flight_loads),
             "weights/receiving_version": float(sync_stats.receiving_version),
             "weights/have_version": float(max(held, sync_stats.have_version)),
         }
@@ -113,6 +117,18 @@ class ActorStats:
 
 EngineFactory = Callable[[str, ActorConfig, "int | None"], "Engine"]
 """(model, actor config, the run's max_model_len from the Welcome or None) → an engine."""
+
+
+def group_of(prompt_id: str, samples: "list[GenSample]", version: int) -> Group:
+    """A prompt's samples as a Group tagged with the oldest weights any token came from: `version`
+    (held when the generation started), or older where an engine's spans say so. A sample carries
+    its spans only when it mixes versions or differs from the group's (most carry none)."""
+    oldest = min([version] + [s.versions[0][0] for s in samples if s.versions])
+    return Group(prompt_id=prompt_id, weight_version=oldest, samples=[
+        Sample(token_ids=s.token_ids, logprobs=s.logprobs, finish_reason=s.finish_reason, text=s.text,
+               versions=[VersionSpan(v, start) for v, start in s.versions]
+               if len(s.versions) > 1 or (s.versions and s.versions[0][0] != oldest) else [])
+        for s in samples])
 
 
 def default_worker_id(prefix: str) -> str:
@@ -205,7 +221,8 @@ class Actor:
             welcome = self._connect()
             if welcome is None:
                 return 0
-            why = context_error(self.a.max_model_len, welcome.max_model_len, self.a.tensor_parallel_size, self.a.engine)
+            why = context_error(self.a.max_model_len, welcome.max_model_len, self.a.tensor_parallel_size, self.a.engine,
+                                self.a.update_mode)
             if why:  # a bad setting: say which, and leave before building an engine
                 log.error("actor.refused", error=why)
                 return 2
@@ -366,18 +383,44 @@ class Actor:
         log.info("actor.generating", lease_id=lease.lease_id, groups=len(lease.prompts), version=version)
         t0 = time.perf_counter()
         call = self._engine_thread.submit(self.engine.generate, [p.token_ids for p in lease.prompts], lease.sampling)
-        if not call.wait(self.stop):
+        if not self._wait_generation(call):
             log.info("actor.interrupted", leases=sorted(self.held_leases))
             self.engine.abort()
             self._abandoned = call
             return None
         return self._groups(lease, call.result(), version, time.perf_counter() - t0)
 
+    @property
+    def in_flight(self) -> bool:
+        """Load weights while generating (actor.update_mode = in_flight, on an engine that can)."""
+        return self.a.update_mode == "in_flight" and bool(getattr(self.engine, "updates_in_flight", False))
+
+    def _wait_generation(self, call: Call[Any]) -> bool:
+        """Wait for the generation; False when the stop flag came first. In flight, every version the
+        sync finishes meanwhile is loaded into the running engine from this thread at once."""
+        if not self.in_flight:
+            return call.wait(self.stop)
+        while not call.wait(self.stop, timeout=POLL_S):
+            if self.stop.is_set():
+                return False
+            store = self.sync.ready()
+            if store is not None:
+                self._load_in_flight(store)
+        return True
+
+    def _load_in_flight(self, store: "WeightStore") -> None:
+        assert self.engine is not None
+        version = store.manifest.version
+        m = self.engine.load_weights(named_tensors(store), version)
+        self.sync.loaded(version)
+        self.stats.load_s = m.get("weights/load_s", 0.0)
+        self.stats.pause_s = m.get("weights/pause_s", self.stats.load_s)
+        self.stats.in_flight_loads += 1
+        log.info("weights.loaded_in_flight", version=version, load_s=round(self.stats.load_s, 3),
+                 pause_s=round(self.stats.pause_s, 3))
+
     def _groups(self, lease: Lease, outs: "list[list[GenSample]]", version: int, gen_s: float) -> list[Group]:
-        groups = [Group(prompt_id=prompt.prompt_id, weight_version=version, samples=[
-                      Sample(token_ids=s.token_ids, logprobs=s.logprobs, finish_reason=s.finish_reason, text=s.text)
-                      for s in samples])
-                  for prompt, samples in zip(lease.prompts, outs)]
+        groups = [group_of(prompt.prompt_id, samples, version) for prompt, samples in zip(lease.prompts, outs)]
         tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
         self.stats.tokens += tokens
         self.stats.gen_s += gen_s

@@ -31,7 +31,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
@@ -54,6 +54,7 @@ class GenSample:
     logprobs: np.ndarray  # float32 [L], ≤ 0
     finish_reason: str  # FINISH_STOP | FINISH_LENGTH
     text: str
+    versions: list[tuple[int, int]] = field(default_factory=list)  # (version, first token): in-flight switches
 
 
 class Engine(Protocol):
@@ -63,6 +64,11 @@ class Engine(Protocol):
     def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
         """One list of `sampling.n` samples per prompt, in prompt order."""
         ...
+
+    updates_in_flight: bool
+    """True when `load_weights` may be called from any thread while `generate` runs (the AsyncLLM
+    engine): the generation pauses, the new weights take over, and each sample's `versions` says
+    from which token on. False: loads only between generations, on the engine thread."""
 
     def load_weights(self, named: Iterable[tuple[str, "torch.Tensor"]], version: int) -> dict[str, float]:
         """Replace every weight in place (all or none); returns {"weights/load_s": seconds}."""
@@ -93,6 +99,10 @@ def make_engine(kind: Literal["auto", "vllm", "hf"], model: str, cfg: "ActorConf
         cfg = cfg.model_copy(update={"max_model_len": max_model_len})
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
+    if kind == "vllm" and cfg.update_mode == "in_flight":
+        from actors.vllm_async import AsyncVLLMEngine
+
+        return AsyncVLLMEngine(model, cfg)
     if kind == "vllm":
         from actors.vllm_engine import VLLMEngine
 
@@ -122,14 +132,19 @@ def model_context_len(config: Any) -> int | None:
     return None
 
 
-def context_error(own: int | None, announced: int, tensor_parallel_size: int = 1, kind: str = "auto") -> str:
+def context_error(own: int | None, announced: int, tensor_parallel_size: int = 1, kind: str = "auto",
+                  update_mode: str = "between_leases") -> str:
     """Why an actor should not start ("" = fine): its set actor.max_model_len is below the context the
     learner announced for the run (the run's prompts + its longest stage's responses), so some
     prompts would not fit and responses would be cut short of the stage's budget; or tensor
-    parallelism asked of the transformers engine."""
-    if tensor_parallel_size > 1 and kind == "hf":
+    parallelism or in-flight updates asked of the transformers engine."""
+    hf = kind == "hf" or (kind == "auto" and not vllm_available())
+    if tensor_parallel_size > 1 and hf:
         return (f"actor.tensor_parallel_size = {tensor_parallel_size} needs the vLLM engine; "
                 "set actor.engine = vllm or actor.tensor_parallel_size = 1")
+    if update_mode == "in_flight" and hf:
+        return ("actor.update_mode = in_flight needs the vLLM engine (AsyncLLM); "
+                "set actor.engine = vllm (install vllm) or actor.update_mode = between_leases")
     if own is not None and announced and own < announced:
         return (f"actor.max_model_len = {own} is less than this run needs ({announced} tokens: its "
                 "prompts plus the longest stage's max_response_tokens, as the learner announced); unset "

@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 
 
 class HFEngine:
+    updates_in_flight = False
+
     def __init__(self, model: str, cfg: "ActorConfig", device: str = ""):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -68,7 +68,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,6 +106,8 @@ GIB = 1 << 30
 
 class VLLMEngine:
     """See the module doc. `extra` goes to `vllm.LLM` as is (tests, benchmarks)."""
+
+    updates_in_flight = False
 
     def __init__(self, model: str, cfg: "ActorConfig", **extra: Any):
         from transformers import AutoTokenizer
@@ -161,47 +164,20 @@ class VLLMEngine:
 
     @staticmethod
     def _arrays(c: Any) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(c.token_ids, dtype=np.int32)
-        flat = c.logprobs
-        # logprobs=0 → exactly the sampled token at each position; anything else is a vLLM change to see.
-        if flat is None or len(flat.logprobs) != ids.size or flat.token_ids != list(c.token_ids):
-            raise RuntimeError("vLLM returned log-probs that are not one per sampled token")
-        if c.finish_reason not in (FINISH_STOP, FINISH_LENGTH):  # vLLM's names are ours
-            log.warning("vllm.finish_reason", reason=c.finish_reason)
-        return ids, np.asarray(flat.logprobs, dtype=np.float32)
+        return completion_arrays(c.token_ids, c.logprobs, c.finish_reason)
 
     def load_weights(self, named: Iterable[tuple[str, "torch.Tensor"]], version: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        items = check_named(named, self._shapes, self._tied)
-        head = None
-        if self._tied and not any(n == "lm_head.weight" for n, _ in items):
-            # Without it the CPU backend keeps the head's old packed copy (measured: wrong tokens).
-            head = ("lm_head.weight", dict(items)["model.embed_tokens.weight"])
+        items, head = checked_items(named, self._shapes, self._tied)
         if self.tensor_parallel_size > 1:
-            self._reload_shards(weight_file(named), items, head is not None)
+            with reload_file_args(named, items, head is not None) as args:
+                self.llm.collective_rpc("or1_reload_from_file", args=args)
         else:
             self.llm.collective_rpc("reload_weights", kwargs={
                 "weights_iterator": iter(items + ([head] if head else [])), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
         self.version = version
         return {"weights/load_s": time.perf_counter() - t0}
-
-    def _reload_shards(self, wf: WeightFile | None, items: list, add_head: bool) -> None:
-        """Every TP worker reloads from one file (see the module doc): the store's own, held open
-        here for the call, else a copy of `items` written for it."""
-        fd = _open_same(wf) if wf is not None else None
-        if fd is None:
-            wf = write_weight_file(items)
-            fd = _open_same(wf)
-        try:
-            if add_head:
-                wf = wf.with_alias("lm_head.weight", "model.embed_tokens.weight")
-            path = f"/proc/{os.getpid()}/fd/{fd}" if fd is not None else wf.path
-            self.llm.collective_rpc("or1_reload_from_file", args=(path, wf.file_id, wf.entries))
-        finally:
-            if fd is not None:
-                os.close(fd)
-            wf.close()
 
     def abort(self) -> None:
         """See the module doc: the generating thread stops at its next engine step."""
@@ -214,6 +190,48 @@ class VLLMEngine:
             del llm
         for ident in getattr(self, "_dist_idents", ()):
             _remove_cpu_shm(ident)
+
+
+def completion_arrays(token_ids: Any, flat: Any, finish_reason: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """A vLLM completion's (ids int32, sampled-token log-probs float32), checked: with logprobs=0
+    each position's flat log-prob list holds exactly the sampled token (else a vLLM change to see)."""
+    ids = np.asarray(token_ids, dtype=np.int32)
+    if flat is None or len(flat.logprobs) != ids.size or list(flat.token_ids) != list(token_ids):
+        raise RuntimeError("vLLM returned log-probs that are not one per sampled token")
+    if finish_reason not in (FINISH_STOP, FINISH_LENGTH):  # vLLM's names are ours
+        log.warning("vllm.finish_reason", reason=finish_reason)
+    return ids, np.asarray(flat.logprobs, dtype=np.float32)
+
+
+def checked_items(named: Iterable[tuple[str, "torch.Tensor"]], shapes: dict, tied: bool) -> tuple[list, tuple | None]:
+    """The (name, tensor) pairs checked against the folder's architecture (a bad store is refused
+    before any parameter changes), and the tied head to add, if the store omits it (module doc:
+    without it the CPU backend keeps the head's old packed copy; measured: wrong tokens)."""
+    items = check_named(named, shapes, tied)
+    if tied and not any(n == "lm_head.weight" for n, _ in items):
+        return items, ("lm_head.weight", dict(items)["model.embed_tokens.weight"])
+    return items, None
+
+
+@contextmanager
+def reload_file_args(named: Any, items: list, add_head: bool) -> Iterator[tuple[str, str, list]]:
+    """The arguments of the workers' `or1_reload_from_file` (actors/vllm_worker.py) for workers in
+    other processes: the store's own /dev/shm file, held open here for the call (named to the
+    workers as /proc/<pid>/fd/<n>, so the version being dropped meanwhile cannot pull it away),
+    else a copy of `items` written for it and removed afterwards."""
+    wf = weight_file(named)
+    fd = _open_same(wf) if wf is not None else None
+    if fd is None:
+        wf = write_weight_file(items)
+        fd = _open_same(wf)
+    try:
+        if add_head:
+            wf = wf.with_alias("lm_head.weight", "model.embed_tokens.weight")
+        yield (f"/proc/{os.getpid()}/fd/{fd}" if fd is not None else wf.path, wf.file_id, wf.entries)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        wf.close()
 
 
 def _stop_steps_on(llm_engine: Any, flag: threading.Event) -> None:
@@ -280,14 +298,28 @@ def cpu_binding(shards: int, threads: int = 0, cores: list[int] | None = None) -
 def _build_llm(model: str, cfg: "ActorConfig", extra: dict[str, Any]) -> Any:
     import torch
 
-    tp = cfg.tensor_parallel_size
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if cfg.threads and tp == 1:  # with TP the binding below sets each worker's threads
+    if cfg.threads and cfg.tensor_parallel_size == 1:  # with TP the binding sets each worker's threads
         os.environ["OMP_NUM_THREADS"] = str(cfg.threads)  # vLLM otherwise drops torch to 1 thread for serving
         torch.set_num_threads(cfg.threads)
     from vllm import LLM
+
+    args = engine_args(model, cfg, extra, workers_apart=cfg.tensor_parallel_size > 1)
+    set_num_threads = torch.set_num_threads
+    try:
+        return LLM(**args)
+    finally:
+        torch.set_num_threads = set_num_threads
+
+
+def engine_args(model: str, cfg: "ActorConfig", extra: dict[str, Any], workers_apart: bool) -> dict[str, Any]:
+    """vLLM engine arguments for the actor config (module doc), shared by `VLLMEngine` and the
+    AsyncLLM engine. `workers_apart`: the workers run in processes other than this one (TP, or the
+    AsyncLLM's engine core), so they load through our worker extension and, on CPU, get their cores
+    through VLLM_CPU_OMP_THREADS_BIND (set here unless the environment sets it)."""
     from vllm.platforms import current_platform
 
+    tp = cfg.tensor_parallel_size
     on_cpu = current_platform.is_cpu()
     args: dict[str, Any] = dict(
         model=model, dtype=folder_dtype(model, cfg.dtype), max_model_len=cfg.max_model_len, seed=cfg.seed,
@@ -298,14 +330,11 @@ def _build_llm(model: str, cfg: "ActorConfig", extra: dict[str, Any]) -> Any:
     else:
         args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if tp > 1:
-        args.update(tensor_parallel_size=tp, distributed_executor_backend="mp",
-                    worker_extension_cls="actors.vllm_worker.WeightFileLoader")
-        if on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        args.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
+    if workers_apart:
+        args["worker_extension_cls"] = "actors.vllm_worker.WeightFileLoader"
+        if on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and (tp > 1 or cfg.threads):
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tp, cfg.threads)
             log.info("vllm.cpu_binding", shards=tp, bind=os.environ["VLLM_CPU_OMP_THREADS_BIND"])
     args.update(extra)
-    set_num_threads = torch.set_num_threads
-    try:
-        return LLM(**args)
-    finally:
-        torch.set_num_threads = set_num_threads
+    return args

@@ -80,7 +80,7 @@ REJECT_DUPLICATE = "duplicate"  # the prompt was already submitted
 REJECT_GROUP_SIZE = "bad_group_size"  # not the lease's n samples
 REJECT_OLD_WEIGHTS = "old_weights"  # weight_version below the lease's min_version (learner/staleness.py)
 REJECT_FUTURE_WEIGHTS = "future_weights"  # weight_version the learner never published
-REJECT_BAD_SAMPLE = "bad_sample"  # ids/logprobs malformed, too long, not finite, or outside the vocabulary
+REJECT_BAD_SAMPLE = "bad_sample"  # ids/logprobs malformed, too long, not finite, outside the vocabulary, or bad versions
 
 SOURCE_LEARNER = "learner"  # WeightSource.source_id of the learner itself (other ids are relay worker ids)
 
@@ -135,19 +135,35 @@ class PromptItem:
 
 
 @dataclass
+class VersionSpan:
+    """From token `start` of a sample on (until the next span), its tokens were sampled with weights
+    `version`: an actor that loads weights in the middle of a generation (actor.update_mode =
+    in_flight) records where each version took over."""
+
+    version: int
+    start: int
+
+
+@dataclass
 class Sample:
     """One sampled response: token ids (int32), the behaviour log-prob of each (float32, at the
-    sampling temperature), why it ended (FINISH_STOP / FINISH_LENGTH), and its decoded text."""
+    sampling temperature), why it ended (FINISH_STOP / FINISH_LENGTH), and its decoded text.
+    `versions`: which weights sampled which tokens, in order — starts strictly increasing from 0,
+    versions strictly increasing, none below the group's `weight_version`. Empty: every token came
+    from the group's `weight_version`."""
 
     token_ids: np.ndarray
     logprobs: np.ndarray
     finish_reason: Id
     text: str
+    versions: list[VersionSpan] = field(default_factory=list)
 
 
 @dataclass
 class Group:
-    """The `n` samples of one prompt, generated with weights `weight_version`."""
+    """The `n` samples of one prompt, generated with weights `weight_version`: the oldest weights any
+    of its tokens came from (samples with in-flight updates say in `Sample.versions` where newer
+    ones took over). Staleness is counted from it (learner/staleness.py)."""
 
     prompt_id: Id
     weight_version: int

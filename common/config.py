@@ -357,6 +357,18 @@ class ActorConfig(Section):
     """Generation dtype; auto = the model folder's own (vLLM's own "auto" would run float32 in 16 bits)."""
     enforce_eager: bool | None = None
     """vLLM without torch.compile / CUDA graphs (None = eager on CPU for a fast start, compiled on GPU)."""
+    update_mode: Literal["between_leases", "in_flight"] = "between_leases"
+    """When new weights reach the engine. between_leases: loaded before the next lease (a lease is
+    generated with one version). in_flight: loaded as soon as pulled, while a lease generates (vLLM's
+    AsyncLLM: generation pauses keeping its requests, the weights load, it resumes); every sample
+    records which tokens each version sampled, and its group counts as generated with the oldest.
+    Pays when responses are long (docs/weights.md#in-flight-updates). Needs the vLLM engine."""
+    in_flight_kv: Literal["recompute", "keep"] = "recompute"
+    """With update_mode = in_flight, what happens to the KV cache of the sequences under way at a
+    switch. recompute: it is dropped and rebuilt with the new weights on resume (one prefill of each
+    sequence so far), so every later token is sampled from exactly the new policy. keep: the old
+    weights' KV stays (PipelineRL's choice; no prefill, but later tokens attend to keys and values of
+    the old weights; the recorded log-probs are still the ones sampled). keep turns prefix caching off."""
 
 
 class RewardConfig(Section):

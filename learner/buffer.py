@@ -62,14 +62,32 @@ class ScoredGroup:
 
 
 def staleness_metrics(groups: list[ScoredGroup], version: int, eta: int) -> dict[str, float | list[int]]:
-    """staleness/mean, /max and /hist (counts for staleness 0..eta) of a batch trained at `version`."""
+    """staleness/mean, /max and /hist (counts for staleness 0..eta) of a batch trained at `version`,
+    each group counted from its oldest weights; staleness/mixed_frac: the share of its samples whose
+    tokens came from more than one version (in-flight updates), and staleness/token_mean: the mean
+    staleness of the tokens themselves (below staleness/mean when newer weights took over mid-sample)."""
     s = np.array([staleness(version, g.weight_version) for g in groups], dtype=np.int64)
     hist = np.bincount(s, minlength=eta + 1) if s.size else np.zeros(eta + 1, dtype=np.int64)
+    samples = [(g.weight_version, x) for g in groups for x in g.samples]
+    mixed = sum(len(x.versions) > 1 for _, x in samples)
+    tokens = sum(len(x.token_ids) for _, x in samples)
     return {
         "staleness/mean": float(s.mean()) if s.size else 0.0,
         "staleness/max": float(s.max()) if s.size else 0.0,
         "staleness/hist": [int(c) for c in hist],
+        "staleness/mixed_frac": mixed / len(samples) if samples else 0.0,
+        "staleness/token_mean": (sum(token_staleness(version, w, x) for w, x in samples) / tokens) if tokens else 0.0,
     }
+
+
+def token_staleness(version: int, weight_version: int, sample: Sample) -> int:
+    """The summed staleness of a sample's tokens trained at `version` (its spans, else all from
+    `weight_version`)."""
+    n = len(sample.token_ids)
+    if not sample.versions:
+        return n * staleness(version, weight_version)
+    ends = [v.start for v in sample.versions[1:]] + [n]
+    return sum((e - v.start) * staleness(version, v.version) for v, e in zip(sample.versions, ends))
 
 
 class GroupBuffer:

@@ -63,7 +63,7 @@ from bus.messages import (
 from common.config import LearnerConfig, SamplingConfig, StageConfig
 from learner.advantage import SOLVED_REWARD, USEFUL, shape_rewards
 from learner.buffer import KEPT_ZERO_ADV, GroupBuffer, ScoredGroup
-from learner.staleness import check_eta, fresh_enough, last_trainable, min_weights, staleness
+from learner.staleness import check_eta, fresh_enough, last_trainable, min_weights, spans_ok, staleness
 from common.data import data_sources
 from learner.mixture import make_order
 
@@ -367,6 +367,9 @@ class Scheduler:
                 return REJECT_BAD_SAMPLE
             if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or (self.vocab_size and ids.max() >= self.vocab_size)):
                 return REJECT_BAD_SAMPLE  # an id outside the vocabulary would stop the trainer's embedding lookup
+            if s.versions and not spans_ok([(v.version, v.start) for v in s.versions], ids.size,
+                                           g.weight_version, self.newest_weights):
+                return REJECT_BAD_SAMPLE  # the group's version must be its oldest, none from the future
         return ""
 
     def release(self, actor_id: str, lease_ids: Sequence[int]) -> int:

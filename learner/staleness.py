@@ -19,6 +19,10 @@ Every place that enforces the rule calls these functions:
   shrunk since the lease, and the zero-advantage filter reorders what reaches the buffer.
 - **the actor** (`actors/actor.py`): never generates with weights that are not
   `fresh_enough(held, lease.min_version)`; it waits for the sync to bring them first.
+- **in-flight updates** (`actor.update_mode = in_flight`): a sample's tokens may come from several
+  versions (`Sample.versions`). Its group's w is the oldest of them, so every rule above, stated
+  for w, bounds every token; `spans_ok` checks at submit that no token claims weights older than
+  w or newer than any the learner published.
 
 Pure functions of integers, tested at and around the bound in
 tests/unit/learner/test_staleness_rule.py; the hypothesis state machine
@@ -61,3 +65,17 @@ def check_eta(eta: Any) -> int:
     if isinstance(eta, bool) or not isinstance(eta, Integral) or eta < 0:
         raise ValueError(f"max_staleness must be an integer >= 0, got {eta!r}")
     return int(eta)
+
+
+def spans_ok(spans: list[tuple[int, int]], n_tokens: int, weight_version: int, newest: int) -> bool:
+    """Are a sample's (version, start) spans well formed for a group of `weight_version`: starts
+    strictly increasing from 0 and inside the sample, versions strictly increasing, none below the
+    group's (the oldest, which staleness counts from) and none above `newest` published? An empty
+    list (one version: the group's) is fine."""
+    if not spans:
+        return True
+    versions, starts = [v for v, _ in spans], [s for _, s in spans]
+    return (starts[0] == 0 and starts[-1] < max(n_tokens, 1)
+            and all(a < b for a, b in zip(starts, starts[1:]))
+            and all(a < b for a, b in zip(versions, versions[1:]))
+            and versions[0] >= weight_version and versions[-1] <= newest)

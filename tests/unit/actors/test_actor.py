@@ -20,7 +20,7 @@ from actors.engine import GenerationAborted, GenSample
 from bus.client import Client
 from bus.messages import (
     FINISH_STOP, ROLE_ACTOR, ROLE_REWARD, Hello, LeaseRequest, Ready, SamplingSpec, ScoreOut, ScoreRequest,
-    ScoreResult,
+    ScoreResult, Submit,
 )
 from bus.server import Server
 from bus.weights.server import WeightServer
@@ -69,6 +69,26 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+class InFlightEngine(FakeEngine):
+    """An engine that loads weights mid-generation (the AsyncLLM engine's contract): generate waits
+    until a newer version is loaded from another thread, then says tokens 2 on came from it."""
+
+    updates_in_flight = True
+
+    def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
+        start = self.version
+        self.generated.append(start)
+        self.generating.set()
+        deadline = time.monotonic() + (15 if len(self.generated) > 1 else 0)  # the first lease runs through
+        while self.version == start and time.monotonic() < deadline and not self.aborted.is_set():
+            time.sleep(0.01)
+        if self.aborted.is_set():
+            raise GenerationAborted("aborted")
+        spans = [(start, 0)] if self.version == start else [(start, 0), (self.version, 2)]
+        return [[GenSample(np.array([5, 6, 7], np.int32), np.full(3, -0.5, np.float32), FINISH_STOP, "x", spans)
+                 for _ in range(sampling.n)] for _ in prompts]
 
 
 class Learner:
@@ -322,3 +342,53 @@ def test_a_signal_only_sets_the_stop_flag(learner):
             signal.signal(s, h)
     assert actor.run() == 0  # stopped before the Welcome: leaves without building an engine
     assert actor.engine is None
+
+
+def test_in_flight_weights_load_during_the_generation(learner):
+    """actor.update_mode = in_flight, η = 1: the second lease generates while the learner trains the
+    first and publishes version 1; the actor pulls it and loads it into the running engine from its
+    main thread. The groups are tagged with the oldest version (0) and carry where version 1 took
+    over, and the learner accepts them."""
+    ln = learner(eta=1)
+    scorer = Scorer(ln.server.endpoint)
+    cfg = ln.cfg.model_copy(deep=True)
+    cfg.actor.update_mode = "in_flight"
+    submits: list[Submit] = []
+
+    def submit(peer, msg: Submit):
+        submits.append(msg)
+        with ln.service.lock:
+            return ln.service.submit(peer, msg)
+
+    ln.server.on(Submit, submit)
+    run = Running(ln, InFlightEngine(), cfg=cfg)
+    try:
+        until(lambda: len(run.engine.generated) >= 2, what="the second lease generating")
+        assert run.engine.generated[:2] == [0, 0] and run.engine.loads == [0]
+        assert ln.step() == 1  # trains the first lease's groups, publishes version 1
+        second = until(lambda: [e for e in ln.seen("accept") if e["lease_id"] != ln.seen("accept")[0]["lease_id"]],
+                       what="the second lease's groups")
+        assert run.engine.loads[:2] == [0, 1] and run.actor.stats.in_flight_loads >= 1
+        assert all(e["weight_version"] == 0 for e in second)  # the oldest of its tokens
+        first, later = submits[0], submits[-1]
+        assert all(s.versions == [] for g in first.groups for s in g.samples)  # one version: no spans sent
+        assert all([(v.version, v.start) for v in s.versions] == [(0, 0), (1, 2)]
+                   for g in later.groups for s in g.samples)
+    finally:
+        run.stop()
+        scorer.close()
+
+
+def test_between_leases_mode_never_loads_mid_generation(learner):
+    """The default update_mode: even an engine that could load in flight is loaded only between leases."""
+    ln = learner(eta=1)
+    scorer = Scorer(ln.server.endpoint)
+    run = Running(ln, InFlightEngine())
+    try:
+        until(lambda: len(run.engine.generated) >= 2, what="the second lease generating")
+        assert ln.step() == 1
+        time.sleep(1.0)
+        assert run.engine.loads == [0]  # version 1 waits for the lease to end
+    finally:
+        run.stop()
+        scorer.close()

@@ -86,6 +86,22 @@ def test_staleness_checked_at_consumption_and_oldest_weights_first():
     assert len(buf) == 1
 
 
+def test_token_staleness_counts_each_span_from_its_own_version():
+    """In-flight samples: the group counts from its oldest version (staleness/mean), its tokens each
+    from theirs (staleness/token_mean); mixed_frac is the share of samples with several versions."""
+    from bus.messages import VersionSpan
+    from learner.buffer import staleness_metrics
+
+    g = group(1, [1, 0], w=3)
+    g.samples[0].token_ids = np.arange(4, dtype=np.int32)
+    g.samples[0].versions = [VersionSpan(3, 0), VersionSpan(5, 1)]  # 1 token from v3, 3 from v5
+    g.samples[1].token_ids = np.arange(4, dtype=np.int32)  # all 4 from the group's v3
+    m = staleness_metrics([g], version=5, eta=2)
+    assert m["staleness/mean"] == 2.0 and m["staleness/hist"] == [0, 0, 1]
+    assert m["staleness/mixed_frac"] == 0.5
+    assert m["staleness/token_mean"] == (1 * 2 + 3 * 0 + 4 * 2) / 8
+
+
 def test_scored_batches_take_the_useful_ones_among_the_next_b_scored():
     """fill=False: a batch every B scored groups, in scoring order, made of their useful ones."""
     buf = GroupBuffer(fill=False)

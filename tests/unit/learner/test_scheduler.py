@@ -384,6 +384,30 @@ def test_token_ids_outside_the_vocabulary_are_refused_at_submit():
     assert s.submit("a", lease.lease_id, 0, [Group("p0", 0, neg)], 0.0).reason == REJECT_BAD_SAMPLE
 
 
+def test_in_flight_version_spans_are_checked_at_submit():
+    """A sample whose spans claim a version older than its group's (staleness undercounted) or one
+    never published is refused; well-formed spans from the group's version on are accepted."""
+    from bus.messages import FINISH_STOP, REJECT_BAD_SAMPLE, Group, Lease, Sample, VersionSpan
+    from common.config import SamplingConfig, StageConfig
+    from learner.scheduler import Prompt, Scheduler
+
+    s = Scheduler([Prompt("p0", np.array([1], np.int32), "math", "1")],
+                  [StageConfig(steps=5, max_response_tokens=4, prompts_per_batch=1, group_size=2)],
+                  SamplingConfig(), epoch=0, vocab_size=100)
+    lease = s.grant("a", 1, 0, 0.0)
+    assert isinstance(lease, Lease)
+
+    def samples(*spans):
+        return [Sample(np.array([5, 6, 7], np.int32), np.zeros(3, np.float32), FINISH_STOP, "",
+                       [VersionSpan(v, st) for v, st in spans])] * 2
+
+    assert s.submit("a", lease.lease_id, 0, [Group("p0", 1, samples((0, 0)))], 0.0).reason  # group claims newer
+    assert s.submit("a", lease.lease_id, 0, [Group("p0", 0, samples((0, 0), (1, 2)))], 0.0).reason == \
+        REJECT_BAD_SAMPLE  # version 1 is not published (the learner is at 0)
+    res = s.submit("a", lease.lease_id, 0, [Group("p0", 0, samples((0, 0)))], 0.0)
+    assert res.accepted and not res.reason
+
+
 def test_keep_zero_advantage_from_config_trains_all_wrong_groups():
     """loss.keep_zero_advantage (benchmarks of untrained models): all-wrong groups are buffered
     and trained instead of filtered; the ledger shows them trained, none filtered."""

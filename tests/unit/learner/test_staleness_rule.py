@@ -27,3 +27,21 @@ def test_eta_must_be_a_nonnegative_integer():
     for bad in (-1, 1.5, True, "2", None):
         with pytest.raises(ValueError, match="max_staleness must be an integer >= 0"):
             check_eta(bad)
+
+
+@pytest.mark.parametrize("spans, ok", [
+    ([], True),  # one version: the group's
+    ([(3, 0)], True),
+    ([(3, 0), (4, 5)], True),
+    ([(3, 0), (5, 2), (6, 9)], True),
+    ([(3, 1)], False),  # the first span must start at the first token
+    ([(3, 0), (4, 10)], False),  # a span past the sample's end
+    ([(3, 0), (4, 5), (5, 5)], False),  # starts not strictly increasing
+    ([(4, 0), (3, 5)], False),  # versions going back
+    ([(2, 0), (4, 5)], False),  # a token older than the group says: staleness would be undercounted
+    ([(3, 0), (7, 5)], False),  # a version the learner never published
+])
+def test_spans_ok(spans, ok):
+    from learner.staleness import spans_ok
+
+    assert spans_ok(spans, n_tokens=10, weight_version=3, newest=6) is ok
