@@ -49,6 +49,7 @@ from bus.messages import (
 from bus.weights import shm
 from bus.weights.server import WeightServer
 from common.config import ActorConfig, Config
+from common.devices import device_label
 from common.log import get_logger, setup_logging
 from learner.staleness import fresh_enough
 
@@ -177,6 +178,7 @@ class Actor:
         self.held_leases: set[int] = set()
         self.engine: Engine | None = None
         self.epoch: tuple[str, int] | None = None  # (run id, epoch) of the last Welcome
+        self.device = device_label()  # for `or1 status` (Hello.device)
         self._make_engine = make_engine
         self._engine_thread: EngineThread | None = None
         self._abandoned: Call[Any] | None = None  # a generation left running when the actor stopped
@@ -278,7 +280,8 @@ class Actor:
 
     def _hello(self) -> Hello:
         return Hello(role=ROLE_ACTOR, worker_id=self.worker_id, host=socket.gethostname(), host_id=shm.host_id(),
-                     capacity=self.a.max_groups, weight_version=self.held_version, relay_endpoint=self.relay_endpoint)
+                     capacity=self.a.max_groups, weight_version=self.held_version, relay_endpoint=self.relay_endpoint,
+                     device=self.device)
 
     def _heartbeat_stats(self) -> dict[str, float]:
         return self.stats.as_metrics(self.held_version, self.sync.stats)

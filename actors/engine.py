@@ -91,15 +91,16 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def make_engine(kind: Literal["auto", "vllm", "hf"], model: str, cfg: "ActorConfig",
+def make_engine(kind: Literal["auto", "vllm", "vllm-async", "hf"], model: str, cfg: "ActorConfig",
                 max_model_len: int | None = None) -> Engine:
-    """`auto` = vLLM where importable, else the transformers fallback. `max_model_len`: the context
-    when `cfg.max_model_len` is unset (the run's, from the learner; None = the model's own limit)."""
+    """`auto` = vLLM where importable, else the transformers fallback; vLLM's AsyncLLM engine for
+    `vllm-async` or in-flight updates. `max_model_len`: the context when `cfg.max_model_len` is
+    unset (the run's, from the learner; None = the model's own limit)."""
     if cfg.max_model_len is None and max_model_len:
         cfg = cfg.model_copy(update={"max_model_len": max_model_len})
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
-    if kind == "vllm" and cfg.update_mode == "in_flight":
+    if kind == "vllm-async" or (kind == "vllm" and cfg.update_mode == "in_flight"):
         from actors.vllm_async import AsyncVLLMEngine
 
         return AsyncVLLMEngine(model, cfg)
@@ -111,7 +112,7 @@ def make_engine(kind: Literal["auto", "vllm", "hf"], model: str, cfg: "ActorConf
         from actors.hf_engine import HFEngine
 
         return HFEngine(model, cfg)
-    raise ValueError(f"engine must be auto, vllm or hf, got {kind!r}")
+    raise ValueError(f"engine must be auto, vllm, vllm-async or hf, got {kind!r}")
 
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")

@@ -209,13 +209,17 @@ class AsyncVLLMEngine:
         t0 = time.perf_counter()
         in_flight = self._running is not None
         await self.llm.pause_generation(mode="keep", clear_cache=self.recompute)
+        t1 = time.perf_counter()
         try:
             await self.llm.collective_rpc("or1_reload_from_file", args=args)
+            t2 = time.perf_counter()
             await self.llm.update_weight_version(str(version))
         finally:
             await self.llm.resume_generation()
+        t3 = time.perf_counter()
         self.switches += in_flight
-        return time.perf_counter() - t0
+        self.last_swap = {"pause_s": t1 - t0, "reload_s": t2 - t1, "resume_s": t3 - t2}
+        return t3 - t0
 
     # --- ending ---------------------------------------------------------------------------------
 

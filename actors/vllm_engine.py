@@ -76,6 +76,7 @@ import numpy as np
 
 from actors.engine import (
     GenerationAborted,
+    model_context_len,
     GenSample,
     check_request,
     decode_texts,
@@ -321,20 +322,32 @@ def engine_args(model: str, cfg: "ActorConfig", extra: dict[str, Any], workers_a
 
     tp = cfg.tensor_parallel_size
     on_cpu = current_platform.is_cpu()
+    dtype = "bfloat16" if cfg.dtype == "auto" and not on_cpu else folder_dtype(model, cfg.dtype)
     args: dict[str, Any] = dict(
-        model=model, dtype=folder_dtype(model, cfg.dtype), max_model_len=cfg.max_model_len, seed=cfg.seed,
+        model=model, dtype=dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
         logprobs_mode="processed_logprobs", disable_log_stats=True,
         enforce_eager=on_cpu if cfg.enforce_eager is None else cfg.enforce_eager)
     if on_cpu:
         args["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * GIB)
+        # No chunked prefill on CPU: a seeded request whose prompt is split over two steps makes
+        # vLLM 0.32's CPU worker rewind its generator ("CPU Generator does not use offset": the
+        # engine dies; seen with 128 requests of ~20 prompt tokens under the AsyncLLM's 2048-token
+        # step budget). Whole prompts per step need a budget of at least one sequence.
+        context = cfg.max_model_len or model_context_len(model) or 4096
+        args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, context), max_num_seqs=256)
     else:
         args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if tp > 1:
         args.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
     if workers_apart:
         args["worker_extension_cls"] = "actors.vllm_worker.WeightFileLoader"
-        if on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and (tp > 1 or cfg.threads):
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tp, cfg.threads)
+        if on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # TP: each shard its own cores. One worker: no pinning ("nobind"), `threads` OpenMP
+            # threads (inherited by the worker's process): pinning every actor's one worker to the
+            # same first core made loads wait seconds for a core (measured: 6-12 s pauses).
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tp, cfg.threads) if tp > 1 else "nobind"
+            if tp == 1 and cfg.threads:
+                os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
             log.info("vllm.cpu_binding", shards=tp, bind=os.environ["VLLM_CPU_OMP_THREADS_BIND"])
     args.update(extra)
     return args

@@ -215,6 +215,7 @@ class PeerInfo:
     relay_endpoint: str = ""  # as other actors dial it (host filled in from the peer's address)
     address: str = ""  # the address its connection comes from
     problem: str = ""  # its last reported trouble (Heartbeat.problem)
+    device: str = ""  # Hello.device
 
 
 # --- session --------------------------------------------------------------------------------
@@ -234,6 +235,7 @@ class Hello(Message):
     relay_endpoint: Endpoint = ""
     admin_key: Line = ""
     session: Id = ""  # random per client process: a reconnect keeps it, another process claiming the id does not
+    device: Id = ""  # where it computes: "cpu", "gpu 0,1" (the ids it was given), "cuda" (all): for `or1 status`
 
 
 @dataclass

@@ -152,7 +152,8 @@ class TrainerConfig(Section):
     deepspeed_json: str | None = None
     """A user DeepSpeed JSON merged over the config built from ours."""
     weights_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """dtype of the weights sent to actors (auto = the model folder's torch_dtype)."""
+    """dtype of the weights sent to actors (auto = bfloat16 when training in bf16, as on GPU; else
+    the model folder's torch_dtype)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     seed: int = 0
@@ -323,8 +324,10 @@ class ActorConfig(Section):
     """The learner's control endpoint."""
     worker_id: str = ""
     """Stable id of this actor (default: host-pid); keep it across restarts to resume leases."""
-    engine: Literal["auto", "vllm", "hf"] = "auto"
-    """Generation engine: vLLM where installed (auto), or the transformers fallback."""
+    engine: Literal["auto", "vllm", "vllm-async", "hf"] = "auto"
+    """Generation engine: vLLM where installed (auto), or the transformers fallback. vllm-async: vLLM's
+    AsyncLLM (its engine core in a process of its own), which update_mode = in_flight takes anyway;
+    with between_leases it loads only between leases (to compare the two modes on one engine)."""
     model: str = ""
     """Model folder or hub name (default: the one the learner announces)."""
     relay_bind: str = ""
@@ -354,7 +357,8 @@ class ActorConfig(Section):
     """torch threads for generation (0 = torch's default); with tensor_parallel_size > 1 on CPU, the
     cores bound to each shard."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Generation dtype; auto = the model folder's own (vLLM's own "auto" would run float32 in 16 bits)."""
+    """Generation dtype; auto = the model folder's own on CPU (vLLM's own "auto" would run float32 in
+    16 bits), bfloat16 on GPU (bf16 throughout, as the learner trains there)."""
     enforce_eager: bool | None = None
     """vLLM without torch.compile / CUDA graphs (None = eager on CPU for a fast start, compiled on GPU)."""
     update_mode: Literal["between_leases", "in_flight"] = "between_leases"

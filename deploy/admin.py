@@ -38,10 +38,11 @@ def render_status(s: StatusReply) -> str:
     lines = [f"run {s.run_id}  epoch {s.epoch}  version {s.version}  max_staleness {s.max_staleness}  stage {s.stage}",
              "queues: " + "  ".join(f"{k}={v}" for k, v in sorted(s.queues.items())),
              "rates:  " + "  ".join(f"{k}={v:.3g}" for k, v in sorted(s.rates.items())),
-             f"{'role':<7} {'id':<28} {'host':<16} {'address':<15} {'version':>7} {'lag':>4} {'tok/s':>8} "
-             f"{'leases':>6} {'seen':>6}"]
+             f"{'role':<7} {'id':<28} {'host':<16} {'address':<15} {'device':<9} {'version':>7} {'lag':>4} "
+             f"{'tok/s':>8} {'leases':>6} {'seen':>6}"]
     for p in sorted(s.fleet, key=lambda p: (p.role, p.worker_id)):
-        lines.append(f"{p.role:<7} {p.worker_id[:28]:<28} {p.host[:16]:<16} {p.address[:15]:<15} {p.weight_version:>7} "
+        lines.append(f"{p.role:<7} {p.worker_id[:28]:<28} {p.host[:16]:<16} {p.address[:15]:<15} "
+                     f"{(p.device or '-')[:9]:<9} {p.weight_version:>7} "
                      f"{p.lag:>4} {p.tokens_per_s:>8.1f} {p.leases:>6} {p.last_seen_s:>5.1f}s")
         if p.problem:
             lines.append(f"        ! {p.problem}")

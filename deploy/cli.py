@@ -65,7 +65,7 @@ def run(
     actors: Optional[int] = typer.Option(None, help="Actor processes to start."),
     reward_workers: Optional[int] = typer.Option(None, help="Reward worker processes to start."),
     max_staleness: Optional[int] = typer.Option(None, help="η: 0 = synchronous on-policy."),
-    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
+    engine: Optional[str] = typer.Option(None, help="auto | vllm | vllm-async | hf"),
     model: Optional[str] = typer.Option(None, help="Model folder, hub name, or 'tiny' (e.g. from or1 make-model)."),
     out: Optional[str] = typer.Option(None, help="Run directory (default runs/<timestamp>)."),
     task: Optional[str] = typer.Option(
@@ -115,7 +115,7 @@ def actor(
     config: Optional[str] = ConfigOpt,
     set_: list[str] = SetOpt,
     learner: Optional[str] = LearnerOpt,
-    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
+    engine: Optional[str] = typer.Option(None, help="auto | vllm | vllm-async | hf"),
     relay_bind: Optional[str] = typer.Option(None, help="Serve weights to peers, e.g. tcp://*:5557."),
     advertise: Optional[str] = typer.Option(
         None, help="Endpoint other actors dial for this relay, e.g. tcp://10.0.0.7:5557 (multi-homed nodes); "
@@ -232,7 +232,7 @@ def eval_cmd(
     k: Optional[str] = typer.Option(None, "--k", help="pass@k for these k, e.g. 1,8 (default 1, 2, 4, … n)."),
     limit: Optional[int] = typer.Option(None, help="Problems to evaluate."),
     out: Optional[str] = typer.Option(None, help="Write each problem's rewards here (JSONL)."),
-    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
+    engine: Optional[str] = typer.Option(None, help="auto | vllm | vllm-async | hf"),
     config: Optional[str] = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
@@ -261,7 +261,7 @@ def filter_cmd(
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default learner.sampling)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most response tokens (default: the last stage's)."),
     report: Optional[str] = typer.Option(None, help="Write one JSONL verdict per problem here."),
-    engine: Optional[str] = typer.Option(None, help="auto | vllm | hf"),
+    engine: Optional[str] = typer.Option(None, help="auto | vllm | vllm-async | hf"),
     config: Optional[str] = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:

@@ -18,9 +18,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.config import Config, save_config
 from common.metrics import JsonlTail, read_jsonl
+
+if TYPE_CHECKING:
+    from deploy.placement import Placement
 
 STOP_GRACE_S = 15.0
 PLAIN_EVERY = 10  # steps between progress lines when stdout is not a terminal
@@ -56,12 +60,25 @@ class Fleet:
         self.children.append(child)
         return child
 
+    placement: "Placement | None" = None  # GPU ids per role (deploy/placement.py); None on a CPU machine
+
     def start_actor(self, i: int) -> Child:
-        return self.start(f"actor{i}", ["actor", "--learner", self.learner_ep, "--worker-id", f"actor{i}",
-                                        "--relay-bind", "tcp://127.0.0.1:0"])
+        args = ["actor", "--learner", self.learner_ep, "--worker-id", f"actor{i}", "--relay-bind", "tcp://127.0.0.1:0"]
+        env = None
+        if self.placement is not None:
+            env = self.placement.actor_env(i)
+            share = self.placement.memory[i]
+            if share is not None:
+                args += ["--set", f"actor.gpu_memory_utilization={share}"]
+        return self.start(f"actor{i}", args, env=env)
 
     def start_reward(self, i: int) -> Child:
-        return self.start(f"reward{i}", ["reward", "--learner", self.learner_ep, "--worker-id", f"reward{i}"])
+        env = None if self.placement is None else self.placement.reward_env()
+        return self.start(f"reward{i}", ["reward", "--learner", self.learner_ep, "--worker-id", f"reward{i}"], env=env)
+
+    def start_learner(self, ranks: int) -> Child:
+        env = None if self.placement is None else self.placement.learner_env()
+        return self.start("learner", ["learner"], env=env, ranks=ranks)
 
     def stop(self) -> None:
         """SIGTERM everyone (actors release leases, workers say Bye), SIGKILL whoever lingers."""
@@ -116,10 +133,15 @@ def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> in
     config_path = run_dir / "config.json"
     save_config(cfg, config_path)
     fleet = Fleet(run_dir, config_path, "")
+    try:
+        fleet.placement = plan_devices(cfg)
+    except ValueError as e:
+        print(f"or1: {e}", flush=True)
+        return 2
     (run_dir / "endpoint").unlink(missing_ok=True)
     interrupted = False
     try:
-        learner = fleet.start("learner", ["learner"], ranks=cfg.run.learner_ranks)
+        learner = fleet.start_learner(cfg.run.learner_ranks)
         fleet.learner_ep = wait_endpoint(run_dir / "endpoint", learner)
         print(f"or1: run directory {run_dir}  (learner {fleet.learner_ep}; `or1 status --learner {fleet.learner_ep}`)",
               flush=True)
@@ -148,6 +170,21 @@ def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> in
     if rc != 0:
         print(f"or1: the learner exited with {rc}; see {learner.log}")
     return rc
+
+
+def plan_devices(cfg: Config) -> "Placement | None":
+    """The GPU plan for this machine (deploy/placement.py), printed; None without GPUs; ValueError
+    when the roles cannot be placed (it says which setting to change)."""
+    from deploy.placement import place, visible_gpus
+
+    gpus = visible_gpus()
+    if not gpus:
+        return None
+    plan = place(gpus, cfg.run.learner_ranks, cfg.run.actors, cfg.actor.tensor_parallel_size,
+                 cfg.actor.gpu_memory_utilization)
+    for line in plan.lines():
+        print(f"or1: {line}", flush=True)
+    return plan
 
 
 def wait_endpoint(path: Path, learner: Child, timeout_s: float = 600.0) -> str:

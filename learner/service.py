@@ -247,7 +247,7 @@ class LearnerService:
                           lag=max(0, self.published_version - p.weight_version) if p.role == ROLE_ACTOR else 0,
                           tokens_per_s=float(p.stats.get("actor/tokens_per_s", 0.0)), last_seen_s=now - p.last_seen,
                           leases=leases.get(p.worker_id, 0), relay_endpoint=relay_endpoint(p),
-                          address=p.address, problem=p.problem)
+                          address=p.address, problem=p.problem, device=p.hello.device)
                  for p in (self.server.peers() if self.server else []) if p.role != ROLE_ADMIN]
         queues = {**self.scheduler.counts(), "score_queued": self.dispatcher.queued,
                   "score_outstanding": self.dispatcher.outstanding,

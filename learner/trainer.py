@@ -291,9 +291,11 @@ class Trainer:
         return [(key, host[id(tensors[key])], name) for key in keys]
 
     def weights_dtype_name(self, dtype: str = "auto") -> str:
-        """auto -> trainer.weights_dtype -> (auto) the model folder's dtype."""
+        """auto -> trainer.weights_dtype -> (auto) bfloat16 when training in bf16 (on GPU: bf16
+        throughout, half the bytes of an fp32 folder per version), else the model folder's dtype."""
         name = dtype if dtype != "auto" else self.cfg.trainer.weights_dtype
-        name = self.model_dtype if name == "auto" else name
+        if name == "auto":
+            name = "bfloat16" if self.precision == "bf16" else self.model_dtype
         if name not in ds_setup.WEIGHT_DTYPES:
             raise ValueError(f"weights dtype must be one of {ds_setup.WEIGHT_DTYPES}, got {name!r}")
         return name

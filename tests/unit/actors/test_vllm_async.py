@@ -154,3 +154,12 @@ def test_keep_kv_switch_records_both_versions(tiny_model, new_model, actor_cfg):
             eng.generate(PROMPTS[:1], GREEDY_LONG)
     finally:
         eng.close()
+
+
+def test_seeded_prompts_beyond_one_step_budget(recompute_engine):
+    """128 seeded requests of 41 prompt tokens (5,248 > a step's 4,096): with chunked prefill a
+    prompt split over two steps killed vLLM 0.32's CPU engine ("CPU Generator does not use
+    offset"); engine_args turns chunking off on CPU."""
+    prompts = [np.array([1, *range(5 + i, 45 + i)], dtype=np.int32) for i in range(16)]
+    groups = recompute_engine.generate(prompts, SamplingSpec(n=8, temperature=1.0, max_tokens=4, seed=5))
+    assert len(groups) == 16 and all(len(g) == 8 and all(len(s.token_ids) >= 1 for s in g) for g in groups)

@@ -279,6 +279,14 @@ def test_auto_weights_dtype_is_the_folders_not_the_training_precision(stage, tin
     assert {d for _, _, d in exported} == {"bfloat16"} and exported[0][1].dtype == np.uint16
 
 
+def test_auto_weights_dtype_is_bf16_when_training_in_bf16(tiny_model):
+    """bf16 throughout on GPU: an fp32 folder trained in bf16 sends bfloat16 weights under "auto"."""
+    cfg = config(0)
+    cfg.trainer.precision = "bf16"
+    trainer = Trainer(tiny_model, cfg, temperature=1.0)
+    assert trainer.model_dtype == "float32" and trainer.weights_dtype_name("auto") == "bfloat16"
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_stage_lifecycle(stage, tiny_model, tmp_path):
     """Load exactly, learn a fixed positive-advantage batch, export, save -> load -> step == step."""
