@@ -464,7 +464,6 @@ def learner_alone_rank(args: argparse.Namespace) -> None:
     from common.config import load_config
     from learner.buffer import TrainSample, make_micro_batches
     from learner.dist import RankGroup, worker_loop
-    from learner.run import unique_arrays
     from learner.trainer import Trainer
 
     out = Path(args.out)
@@ -491,20 +490,17 @@ def learner_alone_rank(args: argparse.Namespace) -> None:
                                reward=0.0, truncated=True, weight_version=0, prompt_id=str(i))
                    for i in range(BATCH * GROUP)]
         per_rank, mb = make_micro_batches(samples, cfg.learner.trainer.micro_batch_tokens, group.world_size)
-        times: dict[str, list[float]] = {"export_s": [], "store_s": [], "serve_s": []}
+        times: dict[str, list[float]] = {"export_store_s": [], "serve_s": []}
 
         def publish(group, weights, version: int, cfg) -> None:  # learner/run.py publish, timed by part
             t0 = time.perf_counter()
-            exported = unique_arrays(group.export_weights(cfg.learner.trainer.weights_dtype))
+            dtype = cfg.learner.trainer.weights_dtype
+            store = WeightStore.build(version, group.weights_layout(dtype), lambda w: group.export_into(dtype, w),
+                                      chunk_bytes=cfg.bus.chunk_bytes, shared=cfg.bus.shared_memory)
             t1 = time.perf_counter()
-            store = WeightStore.from_arrays(version, [(n, a) for n, a, _ in exported],
-                                            chunk_bytes=cfg.bus.chunk_bytes,
-                                            dtype_names={n: d for n, _, d in exported}, shared=cfg.bus.shared_memory)
-            t2 = time.perf_counter()
             weights.publish(store)
-            times["export_s"].append(t1 - t0)
-            times["store_s"].append(t2 - t1)
-            times["serve_s"].append(time.perf_counter() - t2)
+            times["export_store_s"].append(t1 - t0)  # gathered tensors written straight into the store
+            times["serve_s"].append(time.perf_counter() - t1)
 
         try:
             publish(group, weights, 0, cfg)

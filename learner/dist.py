@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from learner import checkpoint as ckpt
 
@@ -118,6 +118,16 @@ class RankGroup:
         weights = self.trainer.export_weights(dtype)
         assert weights is not None  # rank 0 always receives them
         return weights
+
+    def export_into(self, dtype: str, sink: Callable[[str, np.ndarray], None]) -> None:
+        """The same export, each tensor handed to `sink` on rank 0 as it is gathered
+        (`Trainer.export_weights(dtype, sink)`; `Trainer.weights_layout` says what comes)."""
+        self.trainer.weights_dtype_name(dtype)
+        self._send((EXPORT, dtype))
+        self.trainer.export_weights(dtype, sink)
+
+    def weights_layout(self, dtype: str = "auto") -> list[tuple[str, str, list[int]]]:
+        return self.trainer.weights_layout(dtype)
 
     def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any]) -> Path:
         ckpt.check_client_state(client_state)

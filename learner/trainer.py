@@ -57,7 +57,7 @@ import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -266,13 +266,48 @@ class Trainer:
 
     # ---- weights and checkpoints ----------------------------------------------------------
 
-    def export_weights(self, dtype: str = "auto") -> list[tuple[str, np.ndarray, str]] | None:
+    def export_weights(self, dtype: str = "auto",
+                       sink: Callable[[str, np.ndarray], None] | None = None) -> list[tuple[str, np.ndarray, str]] | None:
         """The full state dict as (HF name, array, dtype name) triples in state-dict order, tied
         aliases included (lm_head.weight for tied embeddings, so vLLM's loader finds it). bfloat16
         has no numpy dtype: its arrays are the raw bits as uint16 with dtype name "bfloat16".
-        Every rank must call (ZeRO-3 gathers collectively); rank 0 gets the list, others None."""
+        Every rank must call (ZeRO-3 gathers collectively); rank 0 gets the list, others None.
+        With `sink` (rank 0), each tensor goes to `sink(name, array)` as soon as it is gathered and
+        converted, once per tensor (a tied alias under its first name, as `weights_layout` lists
+        it), and nothing is kept: the publisher writes straight into the version's buffer."""
         name = self.weights_dtype_name(dtype)
         tdtype = getattr(torch, name)
+        keys, tensors, unique = self._state_tensors()
+        first = {}
+        for key in keys:
+            first.setdefault(id(tensors[key]), key)
+        host: dict[int, np.ndarray] = {}
+        for group in ds_setup.gather_groups(list(unique.values()), self.zero_stage):
+            with ds_setup.gathered(group, self.zero_stage):
+                if self.rank == 0:
+                    for t in group:
+                        if sink is not None:
+                            sink(first[id(t)], ds_setup.to_numpy(t, tdtype))
+                        else:
+                            host[id(t)] = ds_setup.to_numpy(t, tdtype)
+        if self.rank != 0 or sink is not None:
+            return None
+        return [(key, host[id(tensors[key])], name) for key in keys]
+
+    def weights_layout(self, dtype: str = "auto") -> list[tuple[str, str, list[int]]]:
+        """(HF name, dtype name, shape) of each tensor `export_weights(dtype, sink)` will hand over,
+        in that order (a tied alias once, under its first name): this rank alone, no collective
+        (ZeRO-3 shards report their full shape, `ds_shape`)."""
+        name = self.weights_dtype_name(dtype)
+        keys, tensors, unique = self._state_tensors()
+        first = {}
+        for key in keys:
+            first.setdefault(id(tensors[key]), key)
+        return [(first[i], name, [int(d) for d in getattr(t, "ds_shape", t.shape)]) for i, t in unique.items()]
+
+    def _state_tensors(self) -> tuple[list[str], dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+        """State-dict keys, the tensor behind each (parameters and buffers, aliases kept), and the
+        distinct tensors in first-key order."""
         module = self.engine.module
         keys = list(module.state_dict(keep_vars=True).keys())
         tensors = dict(module.named_buffers(remove_duplicate=False))
@@ -280,15 +315,7 @@ class Trainer:
         unique: dict[int, torch.Tensor] = {}
         for key in keys:
             unique.setdefault(id(tensors[key]), tensors[key])
-        host: dict[int, np.ndarray] = {}
-        for group in ds_setup.gather_groups(list(unique.values()), self.zero_stage):
-            with ds_setup.gathered(group, self.zero_stage):
-                if self.rank == 0:
-                    for t in group:
-                        host[id(t)] = ds_setup.to_numpy(t, tdtype)
-        if self.rank != 0:
-            return None
-        return [(key, host[id(tensors[key])], name) for key in keys]
+        return keys, tensors, unique
 
     def weights_dtype_name(self, dtype: str = "auto") -> str:
         """auto -> trainer.weights_dtype -> (auto) bfloat16 when training in bf16 (on GPU: bf16

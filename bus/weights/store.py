@@ -115,24 +115,65 @@ class WeightStore:
         """Lay `arrays` out in order at 64-byte aligned offsets of one uint8 buffer (padding zeroed;
         in shared memory if `shared`) and checksum it. A tensor's dtype tag is `dtype_names[name]`
         if given (e.g. "bfloat16" for uint16 bits), else the array's own (``codec.dtype_name``)."""
-        metas, offset = [], 0
+        specs = []
         for name, arr in arrays:
             tag = (dtype_names or {}).get(name) or dtype_name(arr)
             if tag not in ALLOWED_DTYPES or numpy_dtype(tag).itemsize != arr.dtype.itemsize:
                 raise ValueError(f"{name}: dtype tag {tag} does not fit array dtype {arr.dtype}")
+            specs.append((name, tag, [int(d) for d in arr.shape]))
+        by_name = dict(arrays)
+
+        def fill(write: Callable[[str, np.ndarray], None]) -> None:
+            for name, _, _ in specs:
+                write(name, by_name[name])
+
+        return cls.build(version, specs, fill, chunk_bytes=chunk_bytes, shared=shared)
+
+    @classmethod
+    def build(cls, version: int, specs: Sequence[tuple[str, str, list[int]]],
+              fill: Callable[[Callable[[str, np.ndarray], None]], None], chunk_bytes: int = CHUNK_BYTES,
+              shared: bool = False) -> "WeightStore":
+        """A store laid out from (name, dtype tag, shape) `specs` before any data exists: `fill`
+        gets a `write(name, array)` that copies each tensor's bytes straight into its place in the
+        buffer (the learner exports into it tensor by tensor, so no second copy of the whole model
+        is ever held: learner/run.py `publish`). Every spec must be written exactly once, with the
+        bytes its dtype and shape say; then the buffer is checksummed."""
+        metas, offset = [], 0
+        if len({name for name, _, _ in specs}) != len(specs):
+            raise ValueError("a tensor name appears twice in the layout")
+        for name, tag, shape in specs:
+            if tag not in ALLOWED_DTYPES:
+                raise ValueError(f"{name}: dtype tag {tag} is not one of {ALLOWED_DTYPES}")
+            nbytes = math.prod(shape) * numpy_dtype(tag).itemsize
             offset = -(-offset // ALIGN) * ALIGN
-            metas.append(TensorMeta(name, tag, [int(d) for d in arr.shape], offset, int(arr.nbytes)))
-            offset += arr.nbytes
+            metas.append(TensorMeta(name, tag, [int(d) for d in shape], offset, int(nbytes)))
+            offset += nbytes
         buffer, shared_buf = allocate(offset, shared)
-        end = 0
-        for (_, arr), meta in zip(arrays, metas):
+        where = {m.name: m for m in metas}
+        written: set[str] = set()
+
+        def write(name: str, arr: np.ndarray) -> None:
+            meta = where.get(name)
+            if meta is None or name in written:
+                raise ValueError(f"{name}: not in the layout, or written twice")
             flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-            if shared_buf is not None:  # a fresh file reads zeros in the padding already
+            if flat.nbytes != meta.nbytes:
+                raise ValueError(f"{name}: {flat.nbytes} bytes for a slot of {meta.nbytes}")
+            if shared_buf is not None:
                 shared_buf.write(meta.offset, flat)
             else:
-                buffer[end:meta.offset] = 0
                 buffer[meta.offset:meta.offset + meta.nbytes] = flat
-            end = meta.offset + meta.nbytes
+            written.add(name)
+
+        fill(write)
+        if len(written) != len(metas):
+            missing = [m.name for m in metas if m.name not in written]
+            raise ValueError(f"{len(missing)} tensor(s) never written, e.g. {missing[:3]}")
+        if shared_buf is None:  # private memory may hold an older version: zero the padding (a fresh file reads 0)
+            end = 0
+            for m in metas:
+                buffer[end:m.offset] = 0
+                end = m.offset + m.nbytes
         crcs = [crc32(buffer[i:i + chunk_bytes]) for i in range(0, offset, chunk_bytes)]
         checksum = combine_chunks(crcs, chunk_bytes, offset)
         manifest = Manifest(version, metas, offset, chunk_bytes, crcs, checksum)

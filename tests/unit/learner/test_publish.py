@@ -1,25 +1,30 @@
-"""learner/run.py publish: one version's store, a tied alias sent once (engines re-tie it)."""
+"""learner/run.py publish: one version's store, built straight from the export, a tied alias sent once
+(engines re-tie it)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bus.weights.store import WeightStore
 from common.config import load_config
-from learner.run import publish, unique_arrays
+from learner.run import publish
 
 
 class FakeRanks:
-    """export_weights as the Trainer returns it for tied embeddings: the alias is the same array."""
+    """What `RankGroup` gives publish for a tied model: the layout lists the embedding once (its
+    alias, lm_head.weight, is the same tensor), and the export hands each tensor to the sink."""
 
     def __init__(self):
-        emb = np.arange(12, dtype=np.float32).reshape(4, 3)
-        self.exported = [("model.embed_tokens.weight", emb, "float32"),
-                         ("model.norm.weight", np.ones(3, np.float32), "float32"),
-                         ("lm_head.weight", emb, "float32")]
+        self.emb = np.arange(12, dtype=np.float32).reshape(4, 3)
+        self.norm = np.ones(3, np.float32)
 
-    def export_weights(self, dtype="auto"):
-        return self.exported
+    def weights_layout(self, dtype="auto"):
+        return [("model.embed_tokens.weight", "float32", [4, 3]), ("model.norm.weight", "float32", [3])]
+
+    def export_into(self, dtype, sink):
+        sink("model.embed_tokens.weight", self.emb)
+        sink("model.norm.weight", self.norm)
 
 
 class FakeServer:
@@ -31,15 +36,35 @@ class FakeServer:
 
 
 def test_a_tied_alias_is_published_once():
-    server = FakeServer()
-    publish(FakeRanks(), server, 7, load_config(overrides=["bus.shared_memory=false"]))
+    server, ranks = FakeServer(), FakeRanks()
+    publish(ranks, server, 7, load_config(overrides=["bus.shared_memory=false"]))
     [store] = server.stores
-    assert store.version == 7
+    assert store.version == 7 and store.verify()
     assert [t.name for t in store.manifest.tensors] == ["model.embed_tokens.weight", "model.norm.weight"]
     assert store.manifest.total_bytes < 2 * 48 + 64  # the embedding's 48 bytes once (64-byte aligned)
+    got = dict(store.arrays())
+    assert np.array_equal(got["model.embed_tokens.weight"], ranks.emb)
 
 
-def test_distinct_arrays_are_all_kept_even_when_equal():
-    a, b = np.zeros(3, np.float32), np.zeros(3, np.float32)  # an untied head equal to the embedding
-    got = unique_arrays([("x", a, "float32"), ("y", b, "float32"), ("z", a, "float32")])
-    assert [n for n, _, _ in got] == ["x", "y"]
+def test_build_equals_from_arrays():
+    """The same tensors laid out from a layout and written one by one, or from arrays: same bytes,
+    manifest and checksum (padding zeroed even in a reused private buffer)."""
+    arrays = [("a", np.arange(5, dtype=np.float32)), ("b", np.arange(7, dtype=np.uint16).reshape(7, 1)),
+              ("c", np.float32(3.0) * np.ones((2, 3), np.float32))]
+    tags = {"b": "bfloat16"}
+    ref = WeightStore.from_arrays(3, arrays, chunk_bytes=32, dtype_names=tags)
+    specs = [(n, tags.get(n, "float32"), list(a.shape)) for n, a in arrays]
+    built = WeightStore.build(3, specs, lambda write: [write(n, a) for n, a in reversed(arrays)], chunk_bytes=32)
+    assert built.manifest == ref.manifest and np.array_equal(built.buffer, ref.buffer)
+
+
+@pytest.mark.parametrize("fill, error", [
+    (lambda write: write("a", np.zeros(5, np.float32)), "never written"),
+    (lambda write: [write("a", np.zeros(5, np.float32)), write("a", np.zeros(5, np.float32))], "written twice"),
+    (lambda write: write("a", np.zeros(4, np.float32)), "bytes for a slot"),
+    (lambda write: write("zz", np.zeros(5, np.float32)), "not in the layout"),
+])
+def test_build_refuses_a_fill_that_does_not_match_the_layout(fill, error):
+    specs = [("a", "float32", [5]), ("b", "float32", [2])]
+    with pytest.raises(ValueError, match=error):
+        WeightStore.build(1, specs, fill)

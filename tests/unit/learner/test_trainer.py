@@ -279,6 +279,20 @@ def test_auto_weights_dtype_is_the_folders_not_the_training_precision(stage, tin
     assert {d for _, _, d in exported} == {"bfloat16"} and exported[0][1].dtype == np.uint16
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_export_into_a_sink_matches_the_export(stage, tiny_model):
+    """publish's path: the layout names each distinct tensor once (the tied head under the
+    embedding's name), and the sink receives exactly the exported arrays, in that order."""
+    trainer = Trainer(tiny_model, config(stage), temperature=1.0)
+    layout = trainer.weights_layout("bfloat16")
+    got: list[tuple[str, np.ndarray]] = []
+    assert trainer.export_weights("bfloat16", sink=lambda n, a: got.append((n, a))) is None
+    full = {n: a for n, a, _ in trainer.export_weights("bfloat16")}
+    assert [n for n, _ in got] == [n for n, _, _ in layout] and "lm_head.weight" not in dict(got)
+    for (name, dtype, shape), (n, a) in zip(layout, got):
+        assert dtype == "bfloat16" and list(a.shape) == shape and np.array_equal(a, full[n])
+
+
 def test_auto_weights_dtype_is_bf16_when_training_in_bf16(tiny_model):
     """bf16 throughout on GPU: an fp32 folder trained in bf16 sends bfloat16 weights under "auto"."""
     cfg = config(0)
