@@ -90,6 +90,7 @@ class AsyncVLLMEngine:
         self.ignore_eos = ignore_eos
         self.tokens_generated = 0  # output tokens streamed so far, over every call (tests watch it)
         self.switches = 0  # loads that landed while a generation ran
+        self.last_swap: dict[str, float] = {}  # the last load's pause / reload / resume seconds
         self._shapes, self._tied = expected_shapes(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self._end_ids = end_token_ids(model, self.tokenizer)

@@ -175,7 +175,8 @@ def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> in
 def plan_devices(cfg: Config) -> "Placement | None":
     """The GPU plan for this machine (deploy/placement.py), printed; None without GPUs; ValueError
     when the roles cannot be placed (it says which setting to change)."""
-    from deploy.placement import place, visible_gpus
+    from common.devices import visible_gpus
+    from deploy.placement import place
 
     gpus = visible_gpus()
     if not gpus:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.devices import visible_gpus  # noqa: F401  (re-exported for deploy/local.py)
-
 LEARNER_SHARE = 0.4  # most of a device vLLM may take where a learner rank trains on it too
 
 
