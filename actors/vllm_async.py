@@ -57,9 +57,15 @@ from actors.engine import (
     end_token_ids,
     make_sample,
     prompt_seed,
-    response_budget,
 )
-from actors.vllm_engine import checked_items, completion_arrays, engine_args, reload_file_args
+from actors.vllm_engine import (
+    checked_items,
+    completion_arrays,
+    engine_args,
+    reload_file_args,
+    replicate_greedy,
+    sampling_params,
+)
 from actors.weights_io import expected_shapes
 from bus.messages import SamplingSpec
 from common.log import get_logger
@@ -89,8 +95,6 @@ class AsyncVLLMEngine:
         self.recompute = cfg.in_flight_kv == "recompute"
         self.ignore_eos = ignore_eos
         self.tokens_generated = 0  # output tokens streamed so far, over every call (tests watch it)
-        self.switches = 0  # loads that landed while a generation ran
-        self.last_swap: dict[str, float] = {}  # the last load's pause / reload / resume seconds
         self._shapes, self._tied = expected_shapes(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self._end_ids = end_token_ids(model, self.tokenizer)
@@ -128,14 +132,10 @@ class AsyncVLLMEngine:
     # --- generation -----------------------------------------------------------------------------
 
     def sampling_params(self, sampling: SamplingSpec, prompt_len: int, seed: int | None) -> Any:
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        n = sampling.n if sampling.temperature > 0 else 1  # one greedy sample, replicated (as VLLMEngine)
-        return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-                              max_tokens=response_budget(prompt_len, sampling.max_tokens, self.max_model_len),
-                              logprobs=0, seed=seed, flat_logprobs=True, detokenize=False,
-                              output_kind=RequestOutputKind.DELTA, ignore_eos=self.ignore_eos)
+        return sampling_params(sampling, prompt_len, seed, self.max_model_len,
+                               output_kind=RequestOutputKind.DELTA, ignore_eos=self.ignore_eos)
 
     def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
         if self._aborted.is_set():
@@ -157,10 +157,7 @@ class AsyncVLLMEngine:
                 s.versions = spans
                 samples.append(s)
             groups.append(samples)
-        if sampling.temperature == 0:
-            groups = [[GenSample(g[0].token_ids.copy(), g[0].logprobs.copy(), g[0].finish_reason, g[0].text,
-                                 list(g[0].versions)) for _ in range(sampling.n)] for g in groups]
-        return groups
+        return replicate_greedy(groups, sampling.n) if sampling.temperature == 0 else groups
 
     async def _generate(self, prompts: list[list[int]], params: list[Any]) -> list[list[tuple]]:
         self._running = asyncio.current_task()
@@ -175,23 +172,23 @@ class AsyncVLLMEngine:
         """One prompt's n completions: (ids, log-probs, version spans) by completion index, from the
         streamed deltas."""
         ids: dict[int, list[int]] = {}
+        lp_ids: dict[int, list[int]] = {}  # the tokens the streamed log-probs are of (checked against ids)
         lps: dict[int, list[float]] = {}
         done: dict[int, Any] = {}
         async for out in self.llm.generate({"prompt_token_ids": prompt}, params, request_id=request_id):
             for c in out.outputs:
                 ids.setdefault(c.index, []).extend(c.token_ids)
                 if c.logprobs is not None:
+                    lp_ids.setdefault(c.index, []).extend(c.logprobs.token_ids)
                     lps.setdefault(c.index, []).extend(c.logprobs.logprobs)
                 self.tokens_generated += len(c.token_ids)
                 if c.finish_reason is not None:
                     done[c.index] = c
-        out_ = []
+        completions = []
         for k in sorted(done):
-            c = done[k]
-            flat = _Flat(ids.get(k, []), lps.get(k, []))
-            a, lp = completion_arrays(flat.token_ids, flat, c.finish_reason)
-            out_.append((a, lp, spans_of(c.weight_versions, len(a))))
-        return out_
+            a, lp = completion_arrays(ids.get(k, []), lp_ids.get(k, []), lps.get(k, []), done[k].finish_reason)
+            completions.append((a, lp, spans_of(done[k].weight_versions, len(a))))
+        return completions
 
     # --- weights --------------------------------------------------------------------------------
 
@@ -208,7 +205,6 @@ class AsyncVLLMEngine:
     async def _swap(self, args: tuple[str, str, list], version: int) -> float:
         """The swap on the loop; returns how long generation stood still."""
         t0 = time.perf_counter()
-        in_flight = self._running is not None
         await self.llm.pause_generation(mode="keep", clear_cache=self.recompute)
         t1 = time.perf_counter()
         try:
@@ -218,8 +214,8 @@ class AsyncVLLMEngine:
         finally:
             await self.llm.resume_generation()
         t3 = time.perf_counter()
-        self.switches += in_flight
-        self.last_swap = {"pause_s": t1 - t0, "reload_s": t2 - t1, "resume_s": t3 - t2}
+        log.debug("vllm_async.swap", version=version, pause_s=round(t1 - t0, 4), reload_s=round(t2 - t1, 4),
+                  resume_s=round(t3 - t2, 4))
         return t3 - t0
 
     # --- ending ---------------------------------------------------------------------------------
@@ -248,13 +244,6 @@ class AsyncVLLMEngine:
 async def _shutdown(llm: Any) -> None:
     llm.shutdown()
     await asyncio.sleep(0)  # let the cancelled output tasks finish on this loop
-
-
-class _Flat:
-    """The streamed sampled-token log-probs of one completion, in the shape `completion_arrays` checks."""
-
-    def __init__(self, token_ids: list[int], logprobs: list[float]):
-        self.token_ids, self.logprobs = token_ids, logprobs
 
 
 def spans_of(spans: Any, n_tokens: int) -> list[tuple[int, int]]:

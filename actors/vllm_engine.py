@@ -58,7 +58,7 @@ alias, but its presence makes the layerwise reload re-process the head layer; wi
 backend keeps computing logits from the head's old prepacked weight (measured: greedy output then
 differs from the reference with the new weights, while the parameters themselves compare equal).
 With TP > 1 the workers are other processes, and they take the weights from a file instead
-(`_reload_shards`): the version's /dev/shm file when the store lives in one (opened here and named to
+(`reload_file_args`): the version's /dev/shm file when the store lives in one (opened here and named to
 the workers as /proc/<pid>/fd/<n>, so the learner or relay dropping that version meanwhile cannot pull
 it away), else a copy written once for the load. Every worker maps it and reloads its own slices.
 """
@@ -76,12 +76,12 @@ import numpy as np
 
 from actors.engine import (
     GenerationAborted,
-    model_context_len,
     GenSample,
     check_request,
     decode_texts,
     end_token_ids,
     make_sample,
+    model_context_len,
     prompt_seed,
     response_budget,
 )
@@ -134,13 +134,7 @@ class VLLMEngine:
                  max_model_len=self.max_model_len, tensor_parallel_size=self.tensor_parallel_size)
 
     def sampling_params(self, sampling: SamplingSpec, prompt_len: int, seed: int | None) -> Any:
-        from vllm import SamplingParams
-
-        # vLLM refuses n > 1 when greedy; one greedy sample is replicated in `generate` instead.
-        n = sampling.n if sampling.temperature > 0 else 1
-        return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-                              max_tokens=response_budget(prompt_len, sampling.max_tokens, self.max_model_len),
-                              logprobs=0, seed=seed, flat_logprobs=True, detokenize=False)
+        return sampling_params(sampling, prompt_len, seed, self.max_model_len)
 
     def request(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> tuple[list[Any], list[Any]]:
         """The (prompts, SamplingParams) `generate` hands to `vllm.LLM.generate` (benchmarks reuse it)."""
@@ -160,12 +154,13 @@ class VLLMEngine:
         texts = iter(decode_texts(self.tokenizer, [ids for g in raw for ids, _ in g]))
         groups = [[make_sample(ids, lp, next(texts), self._end_ids) for ids, lp in g] for g in raw]
         if sampling.temperature == 0:
-            groups = [[_copy(g[0]) for _ in range(sampling.n)] for g in groups]
+            groups = replicate_greedy(groups, sampling.n)
         return groups
 
     @staticmethod
     def _arrays(c: Any) -> tuple[np.ndarray, np.ndarray]:
-        return completion_arrays(c.token_ids, c.logprobs, c.finish_reason)
+        flat = c.logprobs
+        return completion_arrays(c.token_ids, flat and flat.token_ids, flat and flat.logprobs, c.finish_reason)
 
     def load_weights(self, named: Iterable[tuple[str, "torch.Tensor"]], version: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -193,15 +188,30 @@ class VLLMEngine:
             _remove_cpu_shm(ident)
 
 
-def completion_arrays(token_ids: Any, flat: Any, finish_reason: str | None) -> tuple[np.ndarray, np.ndarray]:
+def sampling_params(sampling: SamplingSpec, prompt_len: int, seed: int | None, max_model_len: int,
+                    **extra: Any) -> Any:
+    """vLLM's SamplingParams for one prompt of a lease (module doc); `extra` as vLLM takes it
+    (the AsyncLLM engine streams deltas)."""
+    from vllm import SamplingParams
+
+    # vLLM refuses n > 1 when greedy; one greedy sample is replicated in `generate` instead.
+    n = sampling.n if sampling.temperature > 0 else 1
+    return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                          max_tokens=response_budget(prompt_len, sampling.max_tokens, max_model_len),
+                          logprobs=0, seed=seed, flat_logprobs=True, detokenize=False, **extra)
+
+
+def completion_arrays(token_ids: Any, logprob_ids: Any, logprobs: Any,
+                      finish_reason: str | None) -> tuple[np.ndarray, np.ndarray]:
     """A vLLM completion's (ids int32, sampled-token log-probs float32), checked: with logprobs=0
-    each position's flat log-prob list holds exactly the sampled token (else a vLLM change to see)."""
+    each position's flat log-prob list holds exactly the sampled token (`logprob_ids`, the tokens
+    the log-probs are of; else a vLLM change to see)."""
     ids = np.asarray(token_ids, dtype=np.int32)
-    if flat is None or len(flat.logprobs) != ids.size or list(flat.token_ids) != list(token_ids):
+    if logprobs is None or len(logprobs) != ids.size or list(logprob_ids) != list(token_ids):
         raise RuntimeError("vLLM returned log-probs that are not one per sampled token")
     if finish_reason not in (FINISH_STOP, FINISH_LENGTH):  # vLLM's names are ours
         log.warning("vllm.finish_reason", reason=finish_reason)
-    return ids, np.asarray(flat.logprobs, dtype=np.float32)
+    return ids, np.asarray(logprobs, dtype=np.float32)
 
 
 def checked_items(named: Iterable[tuple[str, "torch.Tensor"]], shapes: dict, tied: bool) -> tuple[list, tuple | None]:
@@ -251,8 +261,10 @@ def _stop_steps_on(llm_engine: Any, flag: threading.Event) -> None:
     llm_engine.step = step_unless_aborted
 
 
-def _copy(s: GenSample) -> GenSample:
-    return GenSample(s.token_ids.copy(), s.logprobs.copy(), s.finish_reason, s.text)
+def replicate_greedy(groups: list[list[GenSample]], n: int) -> list[list[GenSample]]:
+    """Each group's one greedy sample as `n` independent copies (vLLM refuses n > 1 when greedy)."""
+    return [[GenSample(g[0].token_ids.copy(), g[0].logprobs.copy(), g[0].finish_reason, g[0].text,
+                       list(g[0].versions)) for _ in range(n)] for g in groups]
 
 
 def _remove_cpu_shm(ident: str, shm_dir: str = "/dev/shm") -> None:

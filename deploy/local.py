@@ -43,6 +43,7 @@ class Fleet:
     config_path: Path
     learner_ep: str
     children: list[Child] = field(default_factory=list)
+    placement: "Placement | None" = None  # GPU ids per role (deploy/placement.py); None on a CPU machine
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None, ranks: int = 1) -> Child:
         """`or1 <args>` as a child in its own session, logging to logs/NAME.log; with `ranks` > 1 under
@@ -59,8 +60,6 @@ class Fleet:
         child = Child(name, proc, log)
         self.children.append(child)
         return child
-
-    placement: "Placement | None" = None  # GPU ids per role (deploy/placement.py); None on a CPU machine
 
     def start_actor(self, i: int) -> Child:
         args = ["actor", "--learner", self.learner_ep, "--worker-id", f"actor{i}", "--relay-bind", "tcp://127.0.0.1:0"]

@@ -277,17 +277,15 @@ class Trainer:
         it), and nothing is kept: the publisher writes straight into the version's buffer."""
         name = self.weights_dtype_name(dtype)
         tdtype = getattr(torch, name)
-        keys, tensors, unique = self._state_tensors()
-        first = {}
-        for key in keys:
-            first.setdefault(id(tensors[key]), key)
+        keys, tensors, distinct = self._state_tensors()
+        name_of = {id(t): key for key, t in distinct.items()}
         host: dict[int, np.ndarray] = {}
-        for group in ds_setup.gather_groups(list(unique.values()), self.zero_stage):
+        for group in ds_setup.gather_groups(list(distinct.values()), self.zero_stage):
             with ds_setup.gathered(group, self.zero_stage):
                 if self.rank == 0:
                     for t in group:
                         if sink is not None:
-                            sink(first[id(t)], ds_setup.to_numpy(t, tdtype))
+                            sink(name_of[id(t)], ds_setup.to_numpy(t, tdtype))
                         else:
                             host[id(t)] = ds_setup.to_numpy(t, tdtype)
         if self.rank != 0 or sink is not None:
@@ -299,23 +297,23 @@ class Trainer:
         in that order (a tied alias once, under its first name): this rank alone, no collective
         (ZeRO-3 shards report their full shape, `ds_shape`)."""
         name = self.weights_dtype_name(dtype)
-        keys, tensors, unique = self._state_tensors()
-        first = {}
-        for key in keys:
-            first.setdefault(id(tensors[key]), key)
-        return [(first[i], name, [int(d) for d in getattr(t, "ds_shape", t.shape)]) for i, t in unique.items()]
+        _, _, distinct = self._state_tensors()
+        return [(key, name, [int(d) for d in getattr(t, "ds_shape", t.shape)]) for key, t in distinct.items()]
 
-    def _state_tensors(self) -> tuple[list[str], dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+    def _state_tensors(self) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """State-dict keys, the tensor behind each (parameters and buffers, aliases kept), and the
-        distinct tensors in first-key order."""
+        distinct tensors under their first key, in state-dict order."""
         module = self.engine.module
         keys = list(module.state_dict(keep_vars=True).keys())
         tensors = dict(module.named_buffers(remove_duplicate=False))
         tensors.update(module.named_parameters(remove_duplicate=False))
-        unique: dict[int, torch.Tensor] = {}
+        seen: set[int] = set()
+        distinct: dict[str, torch.Tensor] = {}
         for key in keys:
-            unique.setdefault(id(tensors[key]), tensors[key])
-        return keys, tensors, unique
+            if id(tensors[key]) not in seen:
+                seen.add(id(tensors[key]))
+                distinct[key] = tensors[key]
+        return keys, tensors, distinct
 
     def weights_dtype_name(self, dtype: str = "auto") -> str:
         """auto -> trainer.weights_dtype -> (auto) bfloat16 when training in bf16 (on GPU: bf16

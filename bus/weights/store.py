@@ -165,10 +165,15 @@ class WeightStore:
                 buffer[meta.offset:meta.offset + meta.nbytes] = flat
             written.add(name)
 
-        fill(write)
-        if len(written) != len(metas):
-            missing = [m.name for m in metas if m.name not in written]
-            raise ValueError(f"{len(missing)} tensor(s) never written, e.g. {missing[:3]}")
+        try:
+            fill(write)
+            if len(written) != len(metas):
+                missing = [m.name for m in metas if m.name not in written]
+                raise ValueError(f"{len(missing)} tensor(s) never written, e.g. {missing[:3]}")
+        except BaseException:
+            if shared_buf is not None:  # a half-written file must not stay in /dev/shm
+                shared_buf.unlink()
+            raise
         if shared_buf is None:  # private memory may hold an older version: zero the padding (a fresh file reads 0)
             end = 0
             for m in metas:
