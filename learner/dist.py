@@ -7,6 +7,7 @@ collectives together:
 
     STEP(total_tokens, entropy_coef) + scatter of each rank's micro-batches -> train_step
     EXPORT(dtype)                                                           -> export_weights
+    SHARDS(dtype, path, file_id, offsets)                                   -> export_shards
     SAVE(directory, client_state)                                           -> save_checkpoint
     LOAD(directory)                                                         -> load_checkpoint
     STOP                                        -> barrier, destroy the process group, return
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from learner.buffer import MicroBatch
     from learner.trainer import Trainer
 
-STEP, EXPORT, SAVE, LOAD, STOP = "step", "export", "save", "load", "stop"
+STEP, EXPORT, SHARDS, SAVE, LOAD, STOP = "step", "export", "shards", "save", "load", "stop"
 CONTROL_TIMEOUT = datetime.timedelta(days=7)  # ranks > 0 idle in a broadcast while rank 0 gathers data
 
 _control_group: Any = None
@@ -92,6 +93,7 @@ class RankGroup:
         if self.world_size > 1:
             control_group()
         self._stopped = False
+        self._shards_work = True
 
     def _send(self, command: tuple[Any, ...]) -> None:
         if self._stopped:
@@ -128,6 +130,26 @@ class RankGroup:
 
     def weights_layout(self, dtype: str = "auto") -> list[tuple[str, str, list[int]]]:
         return self.trainer.weights_layout(dtype)
+
+    @property
+    def exports_shards(self) -> bool:
+        """Whether a version may be written by every rank at once (`export_shards`): ZeRO-3 with
+        several ranks, until a try shows the ranks do not share this host's /dev/shm."""
+        return self.world_size > 1 and self.trainer.zero_stage == 3 and self._shards_work
+
+    def export_shards(self, dtype: str, path: str, file_id: str, offsets: dict[str, int]) -> bool:
+        """Every rank writes its own ZeRO-3 partitions into rank 0's version file
+        (`Trainer.export_shards`); False (and not tried again) if some rank could not."""
+        self.trainer.weights_dtype_name(dtype)
+        self._send((SHARDS, dtype, path, file_id, offsets))
+        done = self.trainer.export_shards(dtype, path, file_id, offsets)
+        if not done:
+            self.gather_from_now_on()
+        return done
+
+    def gather_from_now_on(self) -> None:
+        """Publish by gathering to rank 0 for the rest of the run (`exports_shards` is False)."""
+        self._shards_work = False
 
     def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any]) -> Path:
         ckpt.check_client_state(client_state)
@@ -168,6 +190,8 @@ def worker_loop(trainer: Trainer) -> int:
                 trainer.train_step(_scatter(None), command[1], command[2])
             elif kind == EXPORT:
                 trainer.export_weights(command[1])
+            elif kind == SHARDS:
+                trainer.export_shards(*command[1:])
             elif kind == SAVE:
                 trainer.save_checkpoint(command[1], command[2])
             elif kind == LOAD:

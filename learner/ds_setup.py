@@ -248,9 +248,40 @@ def gathered(params: list[torch.Tensor], stage: int):
     return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None)
 
 
+UNKNOWN_LAYOUT: Any = object()  # own_partition: a partition laid out otherwise than ZeRO-3's plain split
+
+
+def own_partition(p: torch.Tensor, rank: int, world_size: int) -> Any:
+    """ZeRO-3's piece of `p` on this rank, as (elements, index of the first in the flattened `p`):
+    rank r holds elements [r·s, (r+1)·s) of the flattened tensor padded to world_size·s, s =
+    ds_tensor.ds_numel (deepspeed/runtime/zero/partition_parameters.py `_partition_param`), the
+    last partition's padding cut off here. None for a tensor ZeRO does not partition (a buffer);
+    UNKNOWN_LAYOUT where the partition is not that split (e.g. hierarchical partitioning)."""
+    part = getattr(p, "ds_tensor", None)
+    if not hasattr(p, "ds_id") or part is None:
+        return None
+    size, numel = int(part.ds_numel), int(p.ds_numel)
+    if size * world_size != int(getattr(p, "ds_numel_aligned", -1)) or part.numel() < size:
+        return UNKNOWN_LAYOUT
+    start = rank * size
+    return part.detach().reshape(-1).narrow(0, 0, max(0, min(size, numel - start))), start
+
+
 def to_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     host = t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()  # copy: never alias live params
-    return host.view(torch.uint16).numpy() if dtype == torch.bfloat16 else host.numpy()
+    return _as_numpy(host)
+
+
+def host_bytes(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """`t` as `dtype` in host memory, for a caller that copies it out at once (write(2)): the
+    tensor's own memory when it already is a contiguous host tensor of that dtype (a bf16 ZeRO-3
+    partition exported as bf16: half of a publish's time was this copy), else a converted copy."""
+    host = t.detach().to(device="cpu", dtype=dtype).contiguous()
+    return _as_numpy(host)
+
+
+def _as_numpy(host: torch.Tensor) -> np.ndarray:
+    return host.view(torch.uint16).numpy() if host.dtype == torch.bfloat16 else host.numpy()
 
 
 def rng_states() -> dict[str, bytes]:

@@ -106,8 +106,9 @@ class Learner:
         metrics = self._train(batch)
         version = batch.version + 1
         t_pub = time.perf_counter()
-        self.publish(version)  # before step_done: a version is served before any reply announces it
+        sharded = self.publish(version)  # before step_done: a version is served before any reply announces it
         metrics["learner/publish_s"] = time.perf_counter() - t_pub
+        metrics["learner/publish_sharded"] = float(sharded)
         metrics.update(self.service.step_done(version))
         metrics.update(batch.metrics)
         metrics.update(self.service.fleet_metrics())
@@ -139,9 +140,10 @@ class Learner:
         metrics["entropy/alpha_applied"] = alpha
         return metrics
 
-    def publish(self, version: int) -> None:
-        """Every rank's weights, exported and served as `version` on the weights port."""
-        publish(self.ranks, self.weights, version, self.cfg)
+    def publish(self, version: int) -> bool:
+        """Every rank's weights, exported and served as `version` on the weights port; True if the
+        ranks wrote their own partitions (learner/run.py `publish`), False if rank 0 gathered."""
+        return publish(self.ranks, self.weights, version, self.cfg)
 
     def save(self) -> Path:
         """A checkpoint of the published version (with learner.export_checkpoints, also its weights

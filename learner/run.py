@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,21 +132,63 @@ def warn_plaintext(bind_host: str) -> None:
                 fix="or1 keys keys/ && start every role with --set bus.curve_dir=keys/ (see docs/security.md)")
 
 
-def publish(ranks: RankGroup, weights, version: int, cfg: Config) -> None:
-    """Export the full state dict (gathered under ZeRO-3) into a new store and serve it as
-    `version`. A tied alias (lm_head.weight of tied embeddings: the very tensor of the embedding) is
-    sent once, under the embedding's name (`Trainer.weights_layout`): both engines take a tied
-    model's store without the head and re-tie it (actors/weights_io.check_named), and at
-    Qwen2.5-0.5B's shape the alias is 22 % of the bytes (272 MB of 1.26 GB in bf16) that every
-    version would copy, checksum, send and hold twice."""
+def publish(ranks: RankGroup, weights, version: int, cfg: Config) -> bool:
+    """Export the full state dict into a new store and serve it as `version`. A tied alias
+    (lm_head.weight of tied embeddings: the very tensor of the embedding) is sent once, under the
+    embedding's name (`Trainer.weights_layout`): both engines take a tied model's store without the
+    head and re-tie it (actors/weights_io.check_named), and at Qwen2.5-0.5B's shape the alias is
+    22 % of the bytes (272 MB of 1.26 GB in bf16) that every version would copy, checksum, send and
+    hold twice.
+
+    Under ZeRO-3 with several ranks on this host, each rank writes its own partitions straight into
+    the version's /dev/shm file (`publish_sharded`): nothing is gathered. Otherwise (ZeRO 0-2, ranks
+    on several hosts, no room in /dev/shm) rank 0 gathers tensor by tensor and writes each into the
+    buffer as it comes, never holding a second whole copy of the model (measured at the 0.5B shape:
+    1 GB less at its peak). Returns whether the version was written sharded."""
     from bus.weights.store import WeightStore
 
     dtype = cfg.learner.trainer.weights_dtype
-    # Each tensor is written into the version's buffer as soon as it is gathered: rank 0 never holds
-    # a second whole copy of the model (measured at the 0.5B shape: 1 GB less at its peak).
-    store = WeightStore.build(version, ranks.weights_layout(dtype), lambda write: ranks.export_into(dtype, write),
-                              chunk_bytes=cfg.bus.chunk_bytes, shared=cfg.bus.shared_memory)
+    store = publish_sharded(ranks, version, cfg) if ranks.exports_shards else None
+    sharded = store is not None
+    if store is None:
+        store = WeightStore.build(version, ranks.weights_layout(dtype), lambda write: ranks.export_into(dtype, write),
+                                  chunk_bytes=cfg.bus.chunk_bytes, shared=cfg.bus.shared_memory)
     weights.publish(store)
+    return sharded
+
+
+def publish_sharded(ranks: RankGroup, version: int, cfg: Config):
+    """The version's store filled by all ranks at once (`RankGroup.export_shards`), or None when
+    that cannot be done here (the caller gathers instead). Measured at the Qwen2.5-0.5B shape, 2 CPU
+    ranks: see docs/weights.md. The file is in /dev/shm whatever `bus.shared_memory` says: that
+    key decides whether actors of this host map the learner's copy, and a file is the only buffer
+    the ranks can all write; its bytes are the ones a private buffer would hold."""
+    from bus.weights.store import WeightStore
+
+    dtype = cfg.learner.trainer.weights_dtype
+    t0 = time.perf_counter()
+    filled: list[float] = []
+
+    def fill(file, metas) -> bool:
+        filled.append(time.perf_counter())
+        done = ranks.export_shards(dtype, str(file.path), file.file_id, {m.name: m.offset for m in metas})
+        filled.append(time.perf_counter())
+        return done
+
+    try:
+        store = WeightStore.build_shared(version, ranks.weights_layout(dtype), fill, chunk_bytes=cfg.bus.chunk_bytes)
+        t1 = time.perf_counter()
+        if store is not None:  # where a version's time goes: the file, the ranks' writes, the checksums
+            log.debug("publish.sharded", version=version, take_s=round(filled[0] - t0, 3),
+                      write_s=round(filled[1] - filled[0], 3), checksum_s=round(t1 - filled[1], 3))
+    except OSError as e:  # no /dev/shm, or not room for a version in it
+        log.warning("publish.no_shared_file", error=str(e)[:200], fallback="rank 0 gathers from now on")
+        ranks.gather_from_now_on()
+        return None
+    if store is None:
+        log.warning("publish.shards_refused", fallback="rank 0 gathers from now on",
+                    why="a rank could not write into rank 0's /dev/shm file (ranks on several hosts?)")
+    return store
 
 
 def save_model_folder(ranks: RankGroup, model_path: str, out: Path, cfg: Config) -> None:

@@ -292,6 +292,40 @@ class Trainer:
             return None
         return [(key, host[id(tensors[key])], name) for key in keys]
 
+    def export_shards(self, dtype: str, path: str, file_id: str, offsets: dict[str, int]) -> bool:
+        """Every rank (ZeRO-3 on one host): write this rank's own partition of each tensor, converted
+        to `dtype`, at its place in the version file `path` that rank 0 laid out (`offsets`: each
+        tensor of `weights_layout` → its byte offset), through ``shm.open_writer``. No gather: each
+        rank moves 1/world of the bytes, all at once, and nothing crosses the process group but one
+        all-reduced flag. Tensors ZeRO does not partition (buffers) come whole from rank 0.
+
+        Returns, on every rank alike, whether every rank wrote all of its share: False when a rank
+        cannot open the file (another host or another /dev/shm: the ranks do not share it) or a
+        partition is not laid out as ZeRO-3's plain flat split (rank r holds elements
+        [r·s, (r+1)·s) of the flattened tensor, s = ds_tensor.ds_numel); the caller then gathers."""
+        from bus.weights import shm
+
+        tdtype = getattr(torch, self.weights_dtype_name(dtype))
+        itemsize = torch.tensor([], dtype=tdtype).element_size()
+        ok = self.zero_stage == 3
+        try:
+            with shm.open_writer(path, file_id) as write:
+                for key, t in self._state_tensors()[2].items():
+                    if not ok:
+                        break
+                    piece = ds_setup.own_partition(t, self.rank, self.world_size)
+                    if piece is None:  # not partitioned: rank 0 writes it whole
+                        if self.rank == 0:
+                            write(offsets[key], ds_setup.to_numpy(t, tdtype))
+                    elif piece is ds_setup.UNKNOWN_LAYOUT:
+                        ok = False
+                    elif piece[0].numel():
+                        write(offsets[key] + piece[1] * itemsize, ds_setup.host_bytes(piece[0], tdtype))
+        except (OSError, ValueError) as e:
+            logging.getLogger(__name__).warning("export_shards on rank %d: %s", self.rank, e)
+            ok = False
+        return self._sum_over_ranks({"failed": torch.tensor(0.0 if ok else 1.0)})["failed"] == 0
+
     def weights_layout(self, dtype: str = "auto") -> list[tuple[str, str, list[int]]]:
         """(HF name, dtype name, shape) of each tensor `export_weights(dtype, sink)` will hand over,
         in that order (a tied alias once, under its first name): this rank alone, no collective

@@ -13,6 +13,9 @@ copy of it instead of N.
 - ``take(nbytes)`` / ``prepare(nbytes)``: a process that serves versions (learner, relay) makes the
   next version's buffer (pages allocated) on a low-priority thread once it publishes one, so the
   transfer of the next version only copies.
+- ``open_writer(path, file_id)``: another process of the same job writes into a file the owner
+  made (the learner's ranks fill rank 0's version together, each its own ZeRO-3 partitions),
+  through pwrite(2) like the owner, after checking the file is that one.
 - ``attach(path, nbytes)`` maps a file another process made, read-only. It fails (OSError) when the
   file is gone (its owner dropped the version) or has another size; the puller then falls back to
   chunks over TCP.
@@ -31,6 +34,7 @@ copy of it instead of N.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -40,7 +44,7 @@ import socket
 import weakref
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -128,10 +132,7 @@ class SharedBuffer:
         tmpfs running out of pages fails here with OSError(ENOSPC) instead of killing the process
         with SIGBUS, and the kernel copies into its pages without a page fault per 4 KB."""
         assert self._fd is not None, "only the owner writes"
-        view = memoryview(data).cast("B")
-        while view.nbytes:
-            n = os.pwrite(self._fd, view, offset)
-            view, offset = view[n:], offset + n
+        _pwrite(self._fd, offset, data)
 
     def unlink(self) -> None:
         """Remove the file now (owners only): no new attach; existing mappings stay valid."""
@@ -167,6 +168,44 @@ def prepare(nbytes: int) -> None:
     spare.prepare(nbytes)
 
 
+def _pwrite(fd: int, offset: int, data: Any) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _open_ours(path: str, flags: int, expect_id: str) -> tuple[int, os.stat_result]:
+    """Open an or1 buffer file; OSError if the path is not one, or not the file `expect_id` names."""
+    p = Path(path)
+    if p.parent != SHM_DIR or not _NAME.match(p.name):
+        raise OSError(f"{path} is not an or1 shared-memory buffer")
+    fd = os.open(p, flags)
+    st = os.fstat(fd)
+    if expect_id and f"{st.st_dev}:{st.st_ino}" != expect_id:
+        os.close(fd)
+        raise OSError(f"{path} is another file than the source's ({expect_id}): another /dev/shm")
+    return fd, st
+
+
+@contextlib.contextmanager
+def open_writer(path: str, expect_id: str) -> Iterator[Callable[[int, Any], None]]:
+    """`write(offset, data)` into the buffer file `path` another process of this job owns (it
+    stays the owner: it checksums, serves and unlinks the file). OSError if the file is gone or is
+    not `expect_id` (``SharedBuffer.file_id``): a process on another host, or in another
+    ``/dev/shm``, cannot write into it, and says so instead of writing elsewhere."""
+    fd, st = _open_ours(path, os.O_WRONLY, expect_id)
+    try:
+        def write(offset: int, data: Any) -> None:
+            if offset < 0 or offset + memoryview(data).nbytes > st.st_size:
+                raise ValueError(f"{memoryview(data).nbytes} bytes at {offset} overrun {path} ({st.st_size})")
+            _pwrite(fd, offset, data)
+
+        yield write
+    finally:
+        os.close(fd)
+
+
 def _map(fd: int, nbytes: int) -> np.ndarray:
     if not nbytes:
         return np.empty(0, dtype=np.uint8)
@@ -176,15 +215,10 @@ def _map(fd: int, nbytes: int) -> np.ndarray:
 def attach(path: str, nbytes: int, expect_id: str = "") -> SharedBuffer:
     """Map another process's buffer read-only; OSError if it is gone, not `nbytes` long, or not
     the file `expect_id` (``SharedBuffer.file_id``) names: the same path in another /dev/shm."""
+    fd, st = _open_ours(path, os.O_RDONLY, expect_id)
     p = Path(path)
-    if p.parent != SHM_DIR or not _NAME.match(p.name):
-        raise OSError(f"{path} is not an or1 shared-memory buffer")
-    fd = os.open(p, os.O_RDONLY)
     try:
-        st = os.fstat(fd)
         size, fid = st.st_size, f"{st.st_dev}:{st.st_ino}"
-        if expect_id and fid != expect_id:
-            raise OSError(f"{path} is another file than the source's ({expect_id}): another /dev/shm")
         if size != nbytes:
             raise OSError(f"{path} holds {size} bytes, expected {nbytes}")
         array = _map(fd, nbytes)

@@ -64,6 +64,22 @@ def allocate(nbytes: int, shared: bool) -> tuple[np.ndarray, "shm.SharedBuffer |
     return (made if made is not None else np.empty(nbytes, dtype=np.uint8)), None
 
 
+def lay_out(specs: Sequence[tuple[str, str, list[int]]]) -> tuple[list[TensorMeta], int]:
+    """(name, dtype tag, shape) specs → each tensor's place (64-byte aligned, in order) and the
+    total size: the one layout rule every store is built by."""
+    metas, offset = [], 0
+    if len({name for name, _, _ in specs}) != len(specs):
+        raise ValueError("a tensor name appears twice in the layout")
+    for name, tag, shape in specs:
+        if tag not in ALLOWED_DTYPES:
+            raise ValueError(f"{name}: dtype tag {tag} is not one of {ALLOWED_DTYPES}")
+        nbytes = math.prod(shape) * numpy_dtype(tag).itemsize
+        offset = -(-offset // ALIGN) * ALIGN
+        metas.append(TensorMeta(name, tag, [int(d) for d in shape], offset, int(nbytes)))
+        offset += nbytes
+    return metas, offset
+
+
 def prepare_next(store: "WeightStore | PartialStore") -> None:
     """This process will want a buffer like `store`'s for its next version: make it now, in the
     background (``bus.weights.spare``), if it is one this process fills (private memory, or a
@@ -138,16 +154,7 @@ class WeightStore:
         buffer (the learner exports into it tensor by tensor, so no second copy of the whole model
         is ever held: learner/run.py `publish`). Every spec must be written exactly once, with the
         bytes its dtype and shape say; then the buffer is checksummed."""
-        metas, offset = [], 0
-        if len({name for name, _, _ in specs}) != len(specs):
-            raise ValueError("a tensor name appears twice in the layout")
-        for name, tag, shape in specs:
-            if tag not in ALLOWED_DTYPES:
-                raise ValueError(f"{name}: dtype tag {tag} is not one of {ALLOWED_DTYPES}")
-            nbytes = math.prod(shape) * numpy_dtype(tag).itemsize
-            offset = -(-offset // ALIGN) * ALIGN
-            metas.append(TensorMeta(name, tag, [int(d) for d in shape], offset, int(nbytes)))
-            offset += nbytes
+        metas, offset = lay_out(specs)
         buffer, shared_buf = allocate(offset, shared)
         where = {m.name: m for m in metas}
         written: set[str] = set()
@@ -179,9 +186,37 @@ class WeightStore:
             for m in metas:
                 buffer[end:m.offset] = 0
                 end = m.offset + m.nbytes
-        crcs = [crc32(buffer[i:i + chunk_bytes]) for i in range(0, offset, chunk_bytes)]
-        checksum = combine_chunks(crcs, chunk_bytes, offset)
-        manifest = Manifest(version, metas, offset, chunk_bytes, crcs, checksum)
+        return cls._checksummed(version, metas, buffer, chunk_bytes, shared_buf)
+
+    @classmethod
+    def build_shared(cls, version: int, specs: Sequence[tuple[str, str, list[int]]],
+                     fill: Callable[[shm.SharedBuffer, list[TensorMeta]], bool],
+                     chunk_bytes: int = CHUNK_BYTES) -> "WeightStore | None":
+        """A store laid out from `specs` (as `build`) in a /dev/shm file that `fill(file, metas)`
+        fills through any processes of this host (``shm.open_writer``), not only this one: the
+        learner's ZeRO-3 ranks each write their own partitions (learner/run.py `publish`). `fill`
+        returns whether every byte was written; if not (or it raises) the file is unlinked and
+        None comes back (raised, for an exception). OSError when tmpfs cannot hold the file."""
+        metas, total = lay_out(specs)
+        if not shm.available():
+            raise OSError(f"{shm.SHM_DIR} is not usable")
+        buf = shm.take(total)  # a fresh (or made-ahead, never used) file reads 0: padding is zeroed
+        try:
+            done = fill(buf, metas)
+        except BaseException:
+            buf.unlink()
+            raise
+        if not done:
+            buf.unlink()
+            return None
+        return cls._checksummed(version, metas, buf.array, chunk_bytes, buf)
+
+    @classmethod
+    def _checksummed(cls, version: int, metas: list[TensorMeta], buffer: np.ndarray, chunk_bytes: int,
+                     shared_buf: "shm.SharedBuffer | None") -> "WeightStore":
+        total = buffer.nbytes
+        crcs = [crc32(buffer[i:i + chunk_bytes]) for i in range(0, total, chunk_bytes)]
+        manifest = Manifest(version, metas, total, chunk_bytes, crcs, combine_chunks(crcs, chunk_bytes, total))
         return cls(manifest, buffer, shared_buf)
 
     @classmethod

@@ -10,7 +10,10 @@ clipping and AdamW. The reference is the same batch as ONE micro-batch on one pr
 (no DeepSpeed at all): logits -> token_logprobs_and_entropy -> policy_loss(total_tokens) -> backward.
 They must agree to 1e-5 of the largest gradient entry. The run then sends a step with a wrong token
 count (refused with the same ValueError on both ranks; the worker keeps serving), exports weights,
-saves a checkpoint and loads it through the protocol, and stops the worker.
+publishes versions (learner/run.py `publish`: under ZeRO-3 every rank writes its own partitions into
+rank 0's /dev/shm file, which must hold exactly the gathered export's bytes, fp32 and bf16; a rank
+that cannot open the file makes the group gather from then on), saves a checkpoint and loads it
+through the protocol, and stops the worker.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ def rank_main(args: argparse.Namespace) -> None:
     trainer = GradProbe(args.model, cfg, temperature=TEMPERATURE)
     if trainer.rank != 0:
         served = worker_loop(trainer)
-        assert served == 5, served  # STEP, the refused STEP, EXPORT, SAVE, LOAD
+        # STEP, the refused STEP, EXPORT; per dtype: EXPORT, publish's SHARDS (ZeRO-3) or EXPORT;
+        # the refused SHARDS, publish's EXPORT; SAVE, LOAD
+        assert served == 11, served
         return
     out = Path(args.out)
     ranks = RankGroup(trainer)
@@ -85,6 +90,7 @@ def rank_main(args: argparse.Namespace) -> None:
     with pytest.raises(ValueError, match="total_tokens"):  # refused on both ranks; the worker carries on
         ranks.step(per_rank, total + 1, entropy_coef=0.0)
     weights = ranks.export_weights()
+    published = publish_both_ways(ranks, args.stage)
     path = ranks.save_checkpoint(out / "checkpoints" / "step_000001", {"epoch": 3, "note": "x"})
     files = sorted(p.name for p in path.iterdir())
     trainer.version = 99
@@ -93,8 +99,37 @@ def rank_main(args: argparse.Namespace) -> None:
     (out / "result.json").write_text(json.dumps({
         "metrics": metrics, "version": trainer.version, "loaded_client": client,
         "world_size": trainer.world_size, "files": files,
-        "export_names": [n for n, _, _ in weights], "export_dtype": weights[0][2],
+        "export_names": [n for n, _, _ in weights], "export_dtype": weights[0][2], "published": published,
     }))
+
+
+def publish_both_ways(ranks, stage: int) -> dict:
+    """Publish version 1 in fp32 and bf16 and compare each store with the gathered export; then a
+    file no rank can open (as on another host): refused on every rank, and the next publish gathers."""
+    from common.config import load_config
+    from learner.run import publish
+
+    class Server:
+        def publish(self, store):
+            self.store = store
+
+    out = {"sharded": ranks.exports_shards}
+    for dtype in ("float32", "bfloat16"):
+        gathered = {n: a for n, a, _ in ranks.export_weights(dtype)}
+        server = Server()
+        publish(ranks, server, 1, load_config(overrides=[f"learner.trainer.weights_dtype={dtype}",
+                                                           "bus.shared_memory=false", "bus.chunk_bytes=4096"]))
+        store = server.store
+        assert store.verify() and (store.shared is not None) == (stage == 3), (dtype, store.shared)
+        got = dict(store.arrays())
+        assert set(got) <= set(gathered) and len(got) >= len(gathered) - 1  # the tied alias once
+        out[dtype] = all(np.array_equal(got[n], gathered[n]) for n in got)
+    out["bogus_file"] = ranks.export_shards("float32", "/dev/shm/or1-w-1-1-0ff", "0:0", {})
+    out["sharded_after"] = ranks.exports_shards
+    server = Server()
+    publish(ranks, server, 2, load_config(overrides=["bus.shared_memory=false"]))
+    out["after_fallback"] = server.store.verify() and server.store.shared is None
+    return out
 
 
 # ---- the reference and the test ---------------------------------------------------------------
@@ -155,6 +190,8 @@ def test_two_ranks_three_micro_batches_match_one_batch(stage, tiny_model, tmp_pa
     assert m["learner/tokens"] == sum(len(s.response_ids) for s in make_samples())
     assert result["version"] == 1 and result["world_size"] == 2
     assert "lm_head.weight" in result["export_names"] and result["export_dtype"] == "float32"
+    assert result["published"] == {"sharded": stage == 3, "float32": True, "bfloat16": True,
+                                   "bogus_file": False, "sharded_after": False, "after_fallback": True}
     assert {"COMPLETE", "or1_state.json", "rng_rank_00000.json", "rng_rank_00001.json"} <= set(result["files"])
     state = json.loads((tmp_path / "checkpoints" / "step_000001" / "or1_state.json").read_text())
     assert state["client_state"] == {"epoch": 3, "note": "x"} and state["version"] == 1

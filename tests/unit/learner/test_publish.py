@@ -15,6 +15,8 @@ class FakeRanks:
     """What `RankGroup` gives publish for a tied model: the layout lists the embedding once (its
     alias, lm_head.weight, is the same tensor), and the export hands each tensor to the sink."""
 
+    exports_shards = False  # ZeRO-3's sharded publish: tests/integration/test_trainer_multirank.py
+
     def __init__(self):
         self.emb = np.arange(12, dtype=np.float32).reshape(4, 3)
         self.norm = np.ones(3, np.float32)
@@ -68,3 +70,32 @@ def test_build_refuses_a_fill_that_does_not_match_the_layout(fill, error):
     specs = [("a", "float32", [5]), ("b", "float32", [2])]
     with pytest.raises(ValueError, match=error):
         WeightStore.build(1, specs, fill)
+
+
+def test_build_shared_equals_build_and_cleans_up_after_a_refused_fill():
+    """A store filled through `shm.open_writer` (as other ranks do) holds what `build` lays out; a
+    fill that reports failure or raises leaves no file in /dev/shm."""
+    from bus.weights import shm
+
+    arrays = [("a", np.arange(5, dtype=np.float32)), ("b", np.arange(6, dtype=np.float32).reshape(2, 3))]
+    specs = [(n, "float32", list(a.shape)) for n, a in arrays]
+    ref = WeightStore.build(1, specs, lambda write: [write(n, a) for n, a in arrays], chunk_bytes=16)
+
+    def fill(file, metas):
+        with shm.open_writer(str(file.path), file.file_id) as write:
+            for m, (_, a) in zip(metas, arrays):
+                write(m.offset, a)
+        return True
+
+    built = WeightStore.build_shared(1, specs, fill, chunk_bytes=16)
+    assert built.manifest == ref.manifest and np.array_equal(built.buffer, ref.buffer) and built.shared.owner
+    paths = []
+
+    def refuse(file, metas):
+        paths.append(file.path)
+        return False
+
+    assert WeightStore.build_shared(1, specs, refuse) is None and not paths[-1].exists()
+    with pytest.raises(RuntimeError):
+        WeightStore.build_shared(1, specs, lambda file, metas: paths.append(file.path) or (_ for _ in ()).throw(RuntimeError()))
+    assert not paths[-1].exists()

@@ -257,3 +257,32 @@ def test_attach_refuses_another_file_at_the_same_path():
             shm.attach(str(buf.path), 4096, "1:2")
     finally:
         buf.unlink()
+
+
+def test_open_writer_writes_into_the_owners_file_and_refuses_others(tmp_path):
+    """Another process of the job (a learner rank) writes its part through pwrite; only into an or1
+    file that is the one the owner names, and never past its end."""
+    import multiprocessing as mp
+
+    buf = shm.SharedBuffer.create(4096)
+    try:
+        ctx = mp.get_context("spawn")
+        p = ctx.Process(target=_write_ones, args=(str(buf.path), buf.file_id))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0 and buf.array[1024:2048].all() and not buf.array[:1024].any()
+        with pytest.raises(OSError, match="another file"), shm.open_writer(str(buf.path), "1:2"):
+            pass
+        with shm.open_writer(str(buf.path), buf.file_id) as write, pytest.raises(ValueError, match="overrun"):
+            write(4000, np.ones(200, np.uint8))
+        (tmp_path / "x").write_bytes(b"1234")
+        for path in (str(tmp_path / "x"), "/dev/shm/something-else"):
+            with pytest.raises(OSError), shm.open_writer(path, ""):
+                pass
+    finally:
+        buf.unlink()
+
+
+def _write_ones(path: str, file_id: str) -> None:
+    with shm.open_writer(path, file_id) as write:
+        write(1024, np.ones(1024, np.uint8))
