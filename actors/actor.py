@@ -4,7 +4,8 @@
     loop (`Actor.cycle`, one lease per cycle):
         load newer weights if the background sync has them      (pause = load only)
         LeaseRequest(max_groups, held version) → Lease | Wait
-            Wait(weights)   → block until the sync has ≥ min_version, load it
+            Wait(weights)   → block until the sync has ≥ min_version, load it (an engine that
+                              loads lazily loads it while it arrives: chunk by chunk, below)
             Wait(admission) → sleep retry_after (the staleness bound admits nothing now)
             Wait(done)      → leave
         never generate with weights older than the lease's min_version
@@ -21,6 +22,13 @@ flag itself (only `is_set`, and waits in slices of `POLL_S`): a handler that set
 thread sat inside `stop.wait` would deadlock on the event's own lock. Heartbeats run on the bus
 client's thread, so a long generation never looks like death. After a learner restart the client
 says Hello again and the new epoch's leases simply continue.
+
+Streamed loads: when the actor must wait for a version (a Wait(weights), a lease's min_version)
+and the engine `streams_loads` (vLLM in-process), it does not wait for the pull to finish: it
+loads from the sync's PartialStore as chunks land (`weights_io.StreamedTensors`), so the load
+overlaps the transfer. Should the pull give that partial up (or a chunk miss the lease's deadline)
+midway, the engine holds part of two versions: the actor then holds no version (held -1, so it
+generates nothing) until it loads a whole one, which the sync's retried pull brings.
 
 One constructor for every use: `or1 actor` (`run`) builds `Actor(cfg)` with the real engine; tests
 build `Actor(cfg, make_engine=...)` with a fake one against an in-process learner.
@@ -39,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from actors.engine import context_error
 from actors.engine_thread import POLL_S, Call, EngineThread
 from actors.sync import WeightSync
-from actors.weights_io import named_tensors
+from actors.weights_io import StreamBroken, StreamedTensors, named_tensors
 from bus.auth import client_curve, server_curve
 from bus.client import Client, RemoteError
 from bus.messages import (
@@ -48,6 +56,7 @@ from bus.messages import (
 )
 from bus.weights import shm
 from bus.weights.server import WeightServer
+from bus.weights.store import PartialStore
 from common.config import ActorConfig, Config
 from common.devices import device_label
 from common.log import get_logger, setup_logging
@@ -182,6 +191,7 @@ class Actor:
         self._make_engine = make_engine
         self._engine_thread: EngineThread | None = None
         self._abandoned: Call[Any] | None = None  # a generation left running when the actor stopped
+        self._broken: PartialStore | None = None  # a partial whose streamed load broke: not streamed again
         self.curve = client_curve(cfg.bus.curve_dir, ROLE_ACTOR, cfg.bus.client_key)
         self.relay = self._make_relay()
         self.relay_endpoint = relay_advertise(self.relay.endpoint if self.relay else "", self.a.relay_advertise)
@@ -358,25 +368,41 @@ class Actor:
         if fresh_enough(self.held_version, lease.min_version):
             return True
         self.sync.want(lease.min_version)
-        store = self._wait_version(lease.min_version, timeout=lease.deadline_s)
-        if store is None:
-            return False
-        self._load(store)
-        return fresh_enough(self.held_version, lease.min_version)
+        deadline = time.monotonic() + lease.deadline_s
+        while (got := self._wait_version(lease.min_version, timeout=deadline - time.monotonic())) is not None:
+            self._load(got, deadline)
+            if fresh_enough(self.held_version, lease.min_version):
+                return True
+        return False
 
     # --- the engine ---------------------------------------------------------------------------
 
-    def _load(self, store: "WeightStore | None") -> None:
-        if store is None:
+    def _load(self, got: "WeightStore | PartialStore | None", deadline: float | None = None) -> None:
+        """Load a whole store, or (from `_wait_version`) a version still arriving, until `deadline`."""
+        if got is None:
             return
         assert self.engine is not None and self._engine_thread is not None
-        version = store.manifest.version
+        version = got.manifest.version
+        streamed = isinstance(got, PartialStore)
         t0 = time.perf_counter()
-        m = self._engine_thread.run(self.engine.load_weights, named_tensors(store), version)
+        if streamed:
+            alive = lambda: self.sync.receiving(version) is got or got.complete  # noqa: E731
+            named: Any = StreamedTensors(got, alive, deadline or time.monotonic() + self.cfg.bus.chunk_timeout_s * 6)
+        else:
+            named = named_tensors(got)
+        try:
+            m = self._engine_thread.run(self.engine.load_weights, named, version)
+        except StreamBroken as e:
+            self._broken = got
+            self.sync.loaded(-1)  # part of two versions in the engine: none whole until one loads
+            log.warning("weights.stream_broken", version=version, error=str(e)[:200],
+                        then="waiting for the whole version before generating")
+            return
         self.sync.loaded(version)
         self.stats.load_s = m.get("weights/load_s", time.perf_counter() - t0)
         self.stats.pause_s = time.perf_counter() - t0
-        log.info("weights.loaded", version=version, load_s=round(self.stats.load_s, 3))
+        log.info("weights.loaded", version=version, load_s=round(self.stats.load_s, 3), streamed=streamed,
+                 ended_at=round(time.time(), 3))
 
     def _generate(self, lease: Lease) -> list[Group] | None:
         """The lease's groups, tagged with the held version; None when the stop flag came first
@@ -458,9 +484,12 @@ class Actor:
 
     # --- waiting (in slices: the stop flag is read, never waited on; see the module doc) --------
 
-    def _wait_version(self, version: int, timeout: float) -> "WeightStore | None":
-        """The sync's store of at least `version`, or None after `timeout` s or on stop."""
+    def _wait_version(self, version: int, timeout: float) -> "WeightStore | PartialStore | None":
+        """The sync's store of at least `version`, or None after `timeout` s or on stop. An engine
+        that `streams_loads` gets the version as soon as its pull has begun (the PartialStore), to
+        load while it arrives: unless streaming that very partial broke before."""
         deadline = time.monotonic() + timeout
+        streams = bool(getattr(self.engine, "streams_loads", False))
         while not self.stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -468,6 +497,9 @@ class Actor:
             store = self.sync.wait_for(version, timeout=min(left, POLL_S))
             if store is not None:
                 return store
+            partial = self.sync.receiving(version) if streams else None
+            if partial is not None and partial is not self._broken:
+                return partial
         return None
 
     def _pause(self, seconds: float) -> None:

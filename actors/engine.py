@@ -70,8 +70,13 @@ class Engine(Protocol):
     engine): the generation pauses, the new weights take over, and each sample's `versions` says
     from which token on. False: loads only between generations, on the engine thread."""
 
+    streams_loads: bool
+    """True when `load_weights` also takes a version still arriving (`weights_io.StreamedTensors`,
+    read lazily as its chunks land: vLLM in-process). Optional: an engine without it gets whole stores."""
+
     def load_weights(self, named: Iterable[tuple[str, "torch.Tensor"]], version: int) -> dict[str, float]:
-        """Replace every weight in place (all or none); returns {"weights/load_s": seconds}."""
+        """Replace every weight in place (all or none); returns {"weights/load_s": seconds}. A
+        streamed version that stops arriving raises `weights_io.StreamBroken` with `version` -1."""
         ...
 
     def abort(self) -> None:

@@ -59,6 +59,7 @@ class WeightSync:
         self._endpoint = ""  # the source of the pull under way (for the error)
         self._from_learner = True
         self._store: WeightStore | None = None
+        self._partial: PartialStore | None = None  # the version being pulled, readable as it lands
         self._want = -1
         self._handed = -1
         self._cv = threading.Condition()
@@ -117,6 +118,19 @@ class WeightSync:
                 self._cv.wait(min(left, 0.2))
         return None
 
+    def receiving(self, version: int) -> PartialStore | None:
+        """The version this sync is pulling now, if it is at least `version`: its chunks can be read
+        as they land and pass their crc (the run loop streams them into an engine that loads lazily,
+        actors/weights_io.StreamedTensors). None once that pull has ended, well or not."""
+        with self._cv:
+            p = self._partial
+            return p if p is not None and p.version >= version else None
+
+    def _receive(self, partial: PartialStore | None) -> None:
+        with self._cv:
+            self._partial = partial
+            self._cv.notify_all()
+
     def want(self, version: int) -> None:
         """The learner asked for at least `version` (a Wait or a Lease said so): pull it now rather
         than at the next heartbeat that announces it."""
@@ -142,6 +156,8 @@ class WeightSync:
                 self._failed(version, e)
                 self._stop.wait(1.0)
                 continue
+            finally:
+                self._receive(None)
             self._failed_in_row, self.problem = 0, ""
             with self._cv:
                 if self._store is None or store.manifest.version > self._store.manifest.version:
@@ -210,6 +226,7 @@ class WeightSync:
                 manifest = fetch_manifest(sources[0], version, timeout=self.bus.chunk_timeout_s, curve=self.curve)
             partial = PartialStore(manifest, shared=shared)
             self.relay.publish_partial(partial)
+            self._receive(partial)
         store, metrics = pull(
             lambda: sources.pop() if sources else self._learner_endpoint(),
             version,
@@ -219,6 +236,7 @@ class WeightSync:
             max_message_bytes=self.bus.max_message_bytes,
             curve=self.curve,
             shared=shared,
+            on_partial=self._receive,
         )
         if self.relay is not None:
             self.relay.publish(store)
@@ -231,5 +249,6 @@ class WeightSync:
         self.stats.receiving_version = -1
         prepare_next(store)  # the next version lands in memory faulted in while this one is used
         log.info("weights.pulled", version=store.manifest.version, transfer_s=round(transfer_s, 3),
+                 ended_at=round(time.time(), 3),
                  shared=store.shared is not None and not store.shared.owner)
         return store

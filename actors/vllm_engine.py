@@ -57,6 +57,12 @@ store is refused before any parameter changes. Tied embeddings: `lm_head.weight`
 alias, but its presence makes the layerwise reload re-process the head layer; without it the CPU
 backend keeps computing logits from the head's old prepacked weight (measured: greedy output then
 differs from the reference with the new weights, while the parameters themselves compare equal).
+In-process (TP = 1) a version can also be loaded while it arrives (`streams_loads`): given
+`weights_io.StreamedTensors`, its names and shapes are checked from the manifest, and vLLM's reload
+pulls each tensor from the iterator as soon as its chunks have landed, so the load overlaps the
+transfer. If the stream breaks midway the engine holds part of each version: its `version` becomes
+-1 and the caller loads a whole version before generating (vLLM's reload recovers from a broken
+iterator: a whole reload after it gives exactly the fresh engine's output, tested).
 With TP > 1 the workers are other processes, and they take the weights from a file instead
 (`reload_file_args`): the version's /dev/shm file when the store lives in one (opened here and named to
 the workers as /proc/<pid>/fd/<n>, so the learner or relay dropping that version meanwhile cannot pull
@@ -86,8 +92,10 @@ from actors.engine import (
     response_budget,
 )
 from actors.weights_io import (
+    StreamedTensors,
     WeightFile,
     check_named,
+    check_specs,
     expected_shapes,
     folder_dtype,
     weight_file,
@@ -162,8 +170,15 @@ class VLLMEngine:
         flat = c.logprobs
         return completion_arrays(c.token_ids, flat and flat.token_ids, flat and flat.logprobs, c.finish_reason)
 
+    @property
+    def streams_loads(self) -> bool:
+        """Whether `load_weights` takes a version still arriving (`StreamedTensors`): in-process only."""
+        return self.tensor_parallel_size == 1
+
     def load_weights(self, named: Iterable[tuple[str, "torch.Tensor"]], version: int) -> dict[str, float]:
         t0 = time.perf_counter()
+        if isinstance(named, StreamedTensors):
+            return self._load_streamed(named, version, t0)
         items, head = checked_items(named, self._shapes, self._tied)
         if self.tensor_parallel_size > 1:
             with reload_file_args(named, items, head is not None) as args:
@@ -171,6 +186,23 @@ class VLLMEngine:
         else:
             self.llm.collective_rpc("reload_weights", kwargs={
                 "weights_iterator": iter(items + ([head] if head else [])), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"weights/load_s": time.perf_counter() - t0}
+
+    def _load_streamed(self, named: StreamedTensors, version: int, t0: float) -> dict[str, float]:
+        if not self.streams_loads:
+            raise ValueError("a streamed version loads in-process only (tensor_parallel_size = 1)")
+        specs = named.specs
+        check_specs(specs, self._shapes, self._tied)
+        with_head = self._tied and not any(name == "lm_head.weight" for name, _, _ in specs)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={
+                "weights_iterator": tied_head_after(named) if with_head else iter(named),
+                "is_checkpoint_format": True})
+        except BaseException:
+            self.version = -1  # part of the parameters may hold the new version: no whole one now
+            raise
         self.llm.reset_prefix_cache()
         self.version = version
         return {"weights/load_s": time.perf_counter() - t0}
@@ -212,6 +244,17 @@ def completion_arrays(token_ids: Any, logprob_ids: Any, logprobs: Any,
     if finish_reason not in (FINISH_STOP, FINISH_LENGTH):  # vLLM's names are ours
         log.warning("vllm.finish_reason", reason=finish_reason)
     return ids, np.asarray(logprobs, dtype=np.float32)
+
+
+def tied_head_after(named: Iterable[tuple[str, "torch.Tensor"]]) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """`named`, then the embedding once more as the tied head (`checked_items`' rule, streamed)."""
+    embedding = None
+    for name, t in named:
+        if name == "model.embed_tokens.weight":
+            embedding = t
+        yield name, t
+    if embedding is not None:
+        yield "lm_head.weight", embedding
 
 
 def checked_items(named: Iterable[tuple[str, "torch.Tensor"]], shapes: dict, tied: bool) -> tuple[list, tuple | None]:

@@ -13,6 +13,12 @@ subclass holding the bit patterns, so `WeightStore.from_arrays` tags it "bfloat1
 tied embeddings gets `lm_head.weight` even when the given state dict lacks it, because engines load
 checkpoint-format names and vLLM's tied head is fed through the embedding's name.
 
+`StreamedTensors(partial, alive, deadline)`: the same views of a version still arriving (a
+`PartialStore`), each yielded once every chunk it spans has landed and passed its crc, so an engine
+that loads lazily (vLLM's in-place reload takes an iterator) loads tensor k while later chunks are
+still on the wire. Its `specs` (names, shapes, dtypes) come from the manifest, so the engine checks
+them before any parameter changes, as it does a whole store's.
+
 `weight_file(named)`: where the tensors of `named_tensors(store)` live as a file other processes can
 map (the store's /dev/shm file), or None; `write_weight_file(items)` makes such a file from any
 tensors. Tensor-parallel vLLM workers load from it (actors/vllm_worker.py).
@@ -25,7 +31,7 @@ and shapes before touching their parameters: a bad store is refused whole, never
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +41,7 @@ if TYPE_CHECKING:
     import torch
 
     from bus.weights.shm import SharedBuffer
-    from bus.weights.store import WeightStore
+    from bus.weights.store import PartialStore, WeightStore
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -61,6 +67,53 @@ class NamedTensors(Iterable):
 def named_tensors(store: "WeightStore") -> NamedTensors:
     """Zero-copy (name, tensor) views of `store`'s buffer, in manifest order."""
     return NamedTensors(store)
+
+
+class StreamBroken(RuntimeError):
+    """A streamed version stopped arriving (its pull gave up, or a chunk missed the deadline) after
+    the engine may have loaded part of it: the engine holds no whole version until one is loaded."""
+
+
+class StreamedTensors(Iterable):
+    """(name, tensor) views of a version being received, in manifest order, each yielded once all of
+    its chunks are in (`PartialStore.wait`). Every chunk passed its crc on arrival, and the manifest's
+    whole-buffer checksum is checked here to be the combination of its chunk crcs, so the bytes
+    loaded are the ones the finished store will verify. Iterating raises StreamBroken when a chunk
+    has not come by `deadline` (time.monotonic) or `alive()` turns False (the pull gave this partial
+    up). Iterable once."""
+
+    def __init__(self, partial: "PartialStore", alive: "Callable[[], bool]", deadline: float):
+        from bus.weights.crc import combine_chunks
+
+        m = partial.manifest
+        if combine_chunks(list(m.chunk_crcs), m.chunk_bytes, m.total_bytes) != m.checksum:
+            raise ValueError(f"version {m.version}: the manifest's checksum is not its chunks' crcs combined")
+        self.partial, self.alive, self.deadline = partial, alive, deadline
+
+    @property
+    def specs(self) -> list[tuple[str, tuple[int, ...], bool]]:
+        """(name, shape, floating) of each tensor, from the manifest: checked before anything loads."""
+        return [(t.name, tuple(t.shape), t.dtype in WIRE_DTYPES) for t in self.partial.manifest.tensors]
+
+    def __iter__(self) -> Iterator[tuple[str, "torch.Tensor"]]:
+        import time
+
+        import torch
+
+        from bus.codec import numpy_dtype
+
+        p, cb = self.partial, self.partial.manifest.chunk_bytes
+        for t in p.manifest.tensors:
+            for i in range(t.offset // cb, -(-(t.offset + t.nbytes) // cb)):
+                while not p.wait(i, 0.1):
+                    if not self.alive() or time.monotonic() > self.deadline:
+                        raise StreamBroken(f"version {p.version}: chunk {i} did not come "
+                                           f"({'pull ended' if not self.alive() else 'deadline passed'})")
+            arr = p.buffer[t.offset:t.offset + t.nbytes].view(numpy_dtype(t.dtype)).reshape(t.shape)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only maps: only copied from
+                tensor = torch.from_numpy(arr)
+            yield t.name, (tensor.view(torch.bfloat16) if t.dtype == "bfloat16" else tensor)
 
 
 @dataclass
@@ -186,25 +239,32 @@ def check_named(named: Iterable[tuple[str, "torch.Tensor"]], shapes: Mapping[str
     every name known, none twice, every expected one present (a tied model may omit lm_head.weight),
     shapes equal, floating dtypes. ValueError naming the first problems otherwise."""
     items = list(named)
+    check_specs([(name, tuple(t.shape), t.is_floating_point()) for name, t in items], shapes, tied)
+    return items
+
+
+def check_specs(specs: Iterable[tuple[str, tuple[int, ...], bool]], shapes: Mapping[str, tuple[int, ...]],
+                tied: bool) -> None:
+    """`check_named`'s rule on (name, shape, floating) triples: what a streamed version is checked by
+    before its first tensor arrives (`StreamedTensors.specs`)."""
     seen: set[str] = set()
     problems: list[str] = []
-    for name, t in items:
+    for name, shape, floating in specs:
         if name in seen:
             problems.append(f"{name} given twice")
         seen.add(name)
         if name not in shapes:
             problems.append(f"unknown tensor {name}")
-        elif tuple(t.shape) != shapes[name]:
-            problems.append(f"{name} has shape {tuple(t.shape)}, expected {shapes[name]}")
-        elif not t.is_floating_point():
-            problems.append(f"{name} has non-floating dtype {t.dtype}")
+        elif tuple(shape) != shapes[name]:
+            problems.append(f"{name} has shape {tuple(shape)}, expected {shapes[name]}")
+        elif not floating:
+            problems.append(f"{name} has a non-floating dtype")
     optional = {"lm_head.weight"} if tied else set()
     missing = sorted(set(shapes) - seen - optional)
     if missing:
         problems.append(f"{len(missing)} tensors missing, e.g. {missing[:3]}")
     if problems:
         raise ValueError("weights refused: " + "; ".join(problems[:5]))
-    return items
 
 
 def folder_dtype(model: str, dtype: str) -> str:

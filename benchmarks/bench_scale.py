@@ -36,9 +36,13 @@ real step.
 multi-node run makes, the one a raw pyzmq send compares to. (On one host actors map the learner's
 /dev/shm copy instead by default; `--shared-memory` measures that.) One version's path is
 publish (learner: each ZeRO-3 rank writes its own bf16 partitions into the version's file, then
-rank 0 checksums it: learner/run.py `publish_sharded`; `learner/publish_s`) +
-transfer (actor: the chunked pull, `weights.pulled` transfer_s) + load (actor: vLLM's in-place
-reload, `weights.loaded` load_s), for every version after the first step. After the fleet has
+rank 0 checksums it: learner/run.py `publish_sharded`; `learner/publish_s`) + the time from the
+actor's pull starting to vLLM's reload ending (`weights.pulled` ended_at − transfer_s to
+`weights.loaded` ended_at, wall clock of one machine): the actor loads the version while it arrives
+(actors/actor.py, streamed loads), so transfer and load overlap and are not summed. Printed beside
+it: transfer (the chunked pull, `weights.pulled` transfer_s) and load (from the load's start, which
+for a streamed load is the pull's first chunks, to its end: `weights.load_s`), for every version
+after the first step. After the fleet has
 exited, in the same run, the same number of bytes is sent with raw pyzmq between two processes
 (`bench_bus.raw_fetch`: a DEALER fetching the chunks from a ROUTER with the bus's window, no checks)
 and copied with one numpy memcpy into a touched buffer; each is the median of 5 rounds, ours the
@@ -448,11 +452,19 @@ def breakdown(out: Path) -> Breakdown:
                       "grad_norm": r.get("learner/grad_norm", float("nan")),
                       "zero_adv_kept": r.get("filter/zero_adv_kept", 0.0)})
     actor_log = out / "logs" / "actor.log"
-    pulled = {e["version"]: e["transfer_s"] for e in events(actor_log, "weights.pulled")}
-    loaded = {e["version"]: e["load_s"] for e in events(actor_log, "weights.loaded")}
+    pulled = {e["version"]: e for e in events(actor_log, "weights.pulled")}
+    loaded = {e["version"]: e for e in events(actor_log, "weights.loaded")}
     publish = {s["step"]: s["publish_s"] for s in steps}
-    versions = [{"version": v, "publish_s": publish[v], "transfer_s": pulled[v], "load_s": loaded[v]}
-                for v in sorted(publish) if v >= 1 and v in pulled and v in loaded]
+    versions = []
+    for v in sorted(publish):
+        if v < 1 or v not in pulled or v not in loaded:
+            continue
+        p, ld = pulled[v], loaded[v]
+        # pull start to load end (one machine, one clock): a streamed load overlaps the pull, so
+        # transfer + load would count the overlap twice; a whole-store load adds any gap between them
+        arrive_s = ld["ended_at"] - (p["ended_at"] - p["transfer_s"])
+        versions.append({"version": v, "publish_s": publish[v], "transfer_s": p["transfer_s"],
+                         "load_s": ld["load_s"], "arrive_s": arrive_s, "streamed": bool(ld.get("streamed"))})
     gen = [e["gen_s"] for e in events(actor_log, "actor.generated")]
     return Breakdown(steps, versions, gen)
 
@@ -733,16 +745,17 @@ def report(mem: Memory, wall: float, bd: Breakdown, z3: list[dict], z0: list[dic
         print(f"{s['step']:>4}  {s['score_s']:7.3f}  {s['fwd_bwd_s']:9.2f}  {s['optim_s']:7.2f}  {s['publish_s']:9.2f}"
               f"  {s['step_s']:6.2f}  {s['wait_s']:6.2f}  {s['grad_norm']:9.2e}  {s['zero_adv_kept']:13.0f}")
     print("generation (per lease of B groups): " + ", ".join(f"{g:.2f}" for g in bd.gen) + " s")
-    print("version  publish_s  transfer_s  load_s  path_s")
+    print("version  publish_s  transfer_s  load_s  streamed  pull start to loaded  path_s")
     for v in bd.versions:
-        path = v["publish_s"] + v["transfer_s"] + v["load_s"]
-        print(f"{v['version']:>7}  {v['publish_s']:9.2f}  {v['transfer_s']:10.2f}  {v['load_s']:6.2f}  {path:6.2f}")
+        path = v["publish_s"] + v["arrive_s"]
+        print(f"{v['version']:>7}  {v['publish_s']:9.2f}  {v['transfer_s']:10.2f}  {v['load_s']:6.2f}  "
+              f"{str(v['streamed']):>8}  {v['arrive_s']:19.2f}  {path:6.2f}")
     body = bd.steps[1:] if len(bd.steps) > 1 else bd.steps
     med = lambda key, rows=body: median([r[key] for r in rows if r[key] == r[key]])  # noqa: E731
     gen_s = median(bd.gen[1:] if len(bd.gen) > 1 else bd.gen)
     publish_s = med("publish_s", bd.versions)
     transfer_s, load_s = med("transfer_s", bd.versions), med("load_s", bd.versions)
-    path_s = median([v["publish_s"] + v["transfer_s"] + v["load_s"] for v in bd.versions])
+    path_s = median([v["publish_s"] + v["arrive_s"] for v in bd.versions])
     ratio = path_s / zmq_s
     way = "/dev/shm map" if shared_memory else "TCP pull"
     print(f"\nweight path ({way}), {nbytes / 1e9:.3f} GB per version: publish + transfer + load {path_s:.2f} s "

@@ -206,12 +206,15 @@ def pull(source: "str | Callable[[], str]", version: int, *, window: int = PULL_
          chunk_timeout_s: float = CHUNK_TIMEOUT_S, on_chunk: Callable[[int], None] | None = None,
          partial: PartialStore | None = None, max_retries: int = 5, curve: "CurveConfig | None" = None,
          max_message_bytes: int = MAX_MESSAGE_BYTES, shared: bool = True,
-         shared_timeout_s: float | None = None) -> tuple[WeightStore, dict[str, float]]:
+         shared_timeout_s: float | None = None,
+         on_partial: Callable[[PartialStore], None] | None = None) -> tuple[WeightStore, dict[str, float]]:
     """Pull `version` (-1 = the source's latest) from `source` (an endpoint, or a callable giving the
     endpoint to use next, asked again whenever a source stalls or fails). Fills `partial` when given
     (a relay publishes it first). With `shared`, a same-host source's shared memory is mapped
     instead (waiting up to `shared_timeout_s`, default 3 × `chunk_timeout_s`, for a relay still
-    receiving). Returns the verified store and `weights/*` metrics."""
+    receiving). `on_partial(partial)` is called once the version's PartialStore exists (its chunks
+    can be read as they land: actors/actor.py streams them into the engine). Returns the verified
+    store and `weights/*` metrics."""
     next_endpoint: Callable[[], str] = source if callable(source) else (lambda: source)  # type: ignore
     if partial is not None and version not in (-1, partial.version):
         raise ValueError(f"partial holds version {partial.version}, asked for {version}")
@@ -236,6 +239,8 @@ def pull(source: "str | Callable[[], str]", version: int, *, window: int = PULL_
                         break
                 if partial is None:
                     partial = PartialStore(puller.manifest(version, chunk_timeout_s))
+                    if on_partial is not None:
+                        on_partial(partial)
                 verifier = verifier or _Verifier(partial)
                 _pull_chunks(puller, verifier, window, chunk_timeout_s, on_chunk, stats, bad, max_retries)
                 break

@@ -17,6 +17,7 @@ import pytest
 
 from actors.actor import Actor
 from actors.engine import GenerationAborted, GenSample
+from actors.weights_io import StreamBroken, StreamedTensors
 from bus.client import Client
 from bus.messages import (
     FINISH_STOP, ROLE_ACTOR, ROLE_REWARD, Hello, LeaseRequest, Ready, SamplingSpec, ScoreOut, ScoreRequest,
@@ -24,7 +25,7 @@ from bus.messages import (
 )
 from bus.server import Server
 from bus.weights.server import WeightServer
-from bus.weights.store import WeightStore
+from bus.weights.store import PartialStore, WeightStore
 from common.config import load_config
 from learner.scheduler import Prompt, Scheduler
 from learner.service import LearnerService
@@ -95,8 +96,9 @@ class Learner:
     """The learner's serving side in this process. `publish(v)` serves version v's weights (each
     version's one tensor holds v); `step()` is `train_one` without the trainer."""
 
-    def __init__(self, *, eta: int = 0, lease_timeout_s: float = 600.0, publish_first: bool = True):
-        self.cfg = load_config(overrides=[
+    def __init__(self, *, eta: int = 0, lease_timeout_s: float = 600.0, publish_first: bool = True,
+                 extra: tuple[str, ...] = ()):
+        self.cfg = load_config(overrides=[*extra,
             "bus.heartbeat_s=0.2", "bus.shared_memory=false", f"learner.max_staleness={eta}",
             "learner.lease_groups=2", f"learner.lease_timeout_s={lease_timeout_s}",
             "learner.stages=[{steps=50, max_response_tokens=8, prompts_per_batch=2, group_size=2}]",
@@ -389,6 +391,94 @@ def test_between_leases_mode_never_loads_mid_generation(learner):
         assert ln.step() == 1
         time.sleep(1.0)
         assert run.engine.loads == [0]  # version 1 waits for the lease to end
+    finally:
+        run.stop()
+        scorer.close()
+
+
+class StreamingEngine(FakeEngine):
+    """An engine that loads a version while it arrives (vLLM in-process: `streams_loads`): it reads
+    every tensor of a StreamedTensors, and notes whether the first came before the pull completed."""
+
+    streams_loads = True
+
+    def __init__(self):
+        super().__init__()
+        self.early: list[bool] = []  # per streamed load: the first tensor came before the last chunk
+        self.broken = 0
+
+    def load_weights(self, named, version: int) -> dict[str, float]:
+        if not isinstance(named, StreamedTensors):
+            return super().load_weights(named, version)
+        try:
+            for i, _ in enumerate(named):
+                if i == 0:
+                    self.early.append(not named.partial.complete)
+        except StreamBroken:
+            self.broken += 1
+            self.version = -1
+            raise
+        self.loads.append(version)
+        self.version = version
+        return {"weights/load_s": 0.0}
+
+
+def step_with_weights_arriving(ln: Learner, upto: int | None = None, delay_s: float = 0.1):
+    """`Learner.step`, but the new version (8 tensors, a chunk each) is served while it is still
+    being filled, a chunk every `delay_s` (the first `upto` only, if given): the actor pulls it slowly."""
+    batch = ln.service.next_batch(threading.Event())
+    assert batch is not None
+    version = batch.version + 1
+    store = WeightStore.from_arrays(version, [(f"w{i}", np.full(16, version, np.float32)) for i in range(8)],
+                                    chunk_bytes=64)
+    partial = PartialStore(store.manifest)
+    ln.weights.publish_partial(partial)
+    ln.service.step_done(version)
+
+    def fill(first: int, last: int) -> None:
+        for i in range(first, last):
+            time.sleep(delay_s)
+            partial.put(i, store.chunk(i))
+
+    feeder = threading.Thread(target=fill, args=(0, store.n_chunks if upto is None else upto), daemon=True)
+    feeder.start()
+    return version, feeder, lambda: fill(upto or 0, store.n_chunks)
+
+
+def test_a_version_waited_for_is_loaded_while_it_arrives(learner):
+    """η = 0: the actor must wait for version 1; its engine loads lazily, so it loads the version's
+    tensors as their chunks land rather than after the whole pull."""
+    ln = learner()
+    scorer = Scorer(ln.server.endpoint)
+    run = Running(ln, StreamingEngine())
+    try:
+        until(lambda: ln.seen("accept", weight_version=0), what="a group with version 0")
+        version, feeder, _ = step_with_weights_arriving(ln, delay_s=0.15)
+        until(lambda: ln.seen("accept", weight_version=version), what="a group generated with version 1")
+        feeder.join()
+        assert run.engine.loads[:2] == [0, 1] and run.engine.early == [True] and run.engine.broken == 0
+    finally:
+        run.stop()
+        scorer.close()
+
+
+def test_a_stream_that_breaks_holds_no_version_until_the_whole_one_loads(learner):
+    """The pull of version 1 gives up halfway (its chunks stop coming): the engine holds part of two
+    versions, so the actor holds none and generates nothing until version 1 comes whole."""
+    ln = learner(extra=("bus.chunk_timeout_s=0.3",))
+    scorer = Scorer(ln.server.endpoint)
+    run = Running(ln, StreamingEngine())
+    try:
+        until(lambda: ln.seen("accept", weight_version=0), what="a group with version 0")
+        version, feeder, rest = step_with_weights_arriving(ln, upto=4, delay_s=0.02)
+        until(lambda: run.engine.broken >= 1, timeout=30, what="the stream breaking")
+        assert run.actor.held_version == -1
+        generated = len(run.engine.generated)
+        time.sleep(0.5)
+        assert len(run.engine.generated) == generated  # nothing generated on the mixed weights
+        rest()  # the learner finishes the version; the sync's next pull brings it whole
+        until(lambda: ln.seen("accept", weight_version=version), timeout=30, what="groups with version 1")
+        assert run.engine.loads[-1] == version and -1 not in run.engine.generated
     finally:
         run.stop()
         scorer.close()

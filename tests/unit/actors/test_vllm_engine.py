@@ -191,3 +191,77 @@ def test_bad_weights_refused_whole(vllm_engine, prompts, tiny_model, sharp_model
         vllm_engine.load_weights(named, 99)
     assert vllm_engine.version == version
     assert ids(vllm_engine.generate(prompts, GREEDY)) == before
+
+
+def feed(store: WeightStore, partial, upto: int | None = None, delay_s: float = 0.0):
+    """Put `store`'s chunks into `partial` from another thread (the puller's place), the first
+    `upto` only if given, one every `delay_s`."""
+    import threading
+    import time
+
+    def run():
+        for i in range(store.n_chunks if upto is None else upto):
+            time.sleep(delay_s)
+            assert partial.put(i, store.chunk(i))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_streamed_load_while_chunks_arrive(vllm_engine, hf_engine, prompts, tiny_model, sharp_model):
+    """A version loaded from a PartialStore still being filled (actors/weights_io.StreamedTensors):
+    the same greedy output as the whole store loaded, and it did wait for the chunks."""
+    import time
+
+    from actors.weights_io import StreamedTensors
+    from bus.weights.store import PartialStore
+
+    assert vllm_engine.streams_loads
+    model = sharp_model(tiny_model, seed=4)
+    store = store_of(model, version=11, drop=("lm_head.weight",))
+    partial = PartialStore(store.manifest)
+    t0 = time.perf_counter()
+    feeder = feed(store, partial, delay_s=0.4 / store.n_chunks)
+    vllm_engine.load_weights(StreamedTensors(partial, lambda: True, time.monotonic() + 30), 11)
+    assert time.perf_counter() - t0 >= 0.35 and partial.complete  # the last tensor waited for its chunk
+    feeder.join()
+    hf_engine.load_weights(named_tensors(store), 11)
+    assert vllm_engine.version == 11
+    assert ids(vllm_engine.generate(prompts, GREEDY)) == ids(hf_engine.generate(prompts, GREEDY))
+
+
+def test_broken_stream_leaves_no_version_until_a_whole_load(vllm_engine, hf_engine, prompts, tiny_model,
+                                                           sharp_model):
+    """A pull that gives up halfway: StreamBroken, the engine says it holds no version, and a whole
+    load afterwards gives exactly that version's output (vLLM recovers from the broken iterator)."""
+    import time
+
+    from actors.weights_io import StreamBroken, StreamedTensors
+    from bus.weights.store import PartialStore
+
+    store = store_of(sharp_model(tiny_model, seed=5), version=12)
+    partial = PartialStore(store.manifest)
+    feed(store, partial, upto=store.n_chunks // 2).join()
+    with pytest.raises(StreamBroken, match="pull ended"):
+        vllm_engine.load_weights(StreamedTensors(partial, lambda: False, time.monotonic() + 30), 12)
+    assert vllm_engine.version == -1
+    whole = store_of(sharp_model(tiny_model, seed=6), version=13)
+    vllm_engine.load_weights(named_tensors(whole), 13)
+    hf_engine.load_weights(named_tensors(whole), 13)
+    assert ids(vllm_engine.generate(prompts, GREEDY)) == ids(hf_engine.generate(prompts, GREEDY))
+
+
+def test_a_streamed_version_is_checked_before_anything_loads(vllm_engine, prompts, tiny_model, sharp_model):
+    """Names and shapes come from the manifest: a bad version is refused before its first chunk."""
+    import time
+
+    from actors.weights_io import StreamedTensors
+    from bus.weights.store import PartialStore
+
+    before, version = ids(vllm_engine.generate(prompts, GREEDY)), vllm_engine.version
+    arrays = [(n, a) for n, a in state_dict_arrays(sharp_model(tiny_model, seed=7), "float32")][:-3]
+    partial = PartialStore(WeightStore.from_arrays(14, arrays, chunk_bytes=1 << 16).manifest)
+    with pytest.raises(ValueError, match="weights refused"):
+        vllm_engine.load_weights(StreamedTensors(partial, lambda: True, time.monotonic() + 30), 14)
+    assert vllm_engine.version == version and ids(vllm_engine.generate(prompts, GREEDY)) == before
