@@ -11,7 +11,7 @@ user starts them (tests/e2e/e2e_support.py, deploy/slurm/or1.sbatch):
 
 on toy:addition with B = 2 prompts × n = 2 samples, 16-token responses, η = 0 (on-policy: generation,
 scoring, training and the weight sync follow each other, so each phase is timed alone), `--steps`
-optimizer steps (4 by default, at least 3), then the learner's final checkpoint and model folder.
+optimizer steps (6 by default, so the median over versions 1-5 is not one of the warm-up versions; at least 3), then the learner's final checkpoint and model folder.
 
 **Learner settings, and why.** `learner.trainer.precision = bf16` (DeepSpeed's bf16 mixed precision:
 bf16 weights and gradients, fp32 master weights and AdamW moments), as real runs train; in fp32
@@ -688,7 +688,7 @@ def store_bytes(model: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"a {SHAPE} folder (made here if absent)")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--shared-memory", action="store_true", help="actors map /dev/shm instead of pulling over TCP")
     ap.add_argument("--zero0-ranks", type=int, default=1, choices=(1, 2))
     ap.add_argument("--timeout-s", type=float, default=900.0, help="for the loop")
