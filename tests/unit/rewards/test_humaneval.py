@@ -28,14 +28,20 @@ def test_all_164_problems_are_there():
 
 @needs_sandbox
 def test_canonical_solutions_score_1_and_stubs_0():
-    wrong = []
-    for p in PROBLEMS:
-        out = score_code(block(p["prompt"] + p["canonical_solution"]), reference(p), CFG)
-        if out.reward != 1.0 or out.error:
-            wrong.append((p["task_id"], "canonical", out))
-        out = score_code(block(p["prompt"] + "    return None\n"), reference(p), CFG)
-        if out.reward != 0.0 or out.error:
-            wrong.append((p["task_id"], "stub", out))
+    """328 sandboxed runs, two at a time: each is a child process, so two threads keep both cores
+    busy (half the suite's longest test)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [(p, kind, body, want) for p in PROBLEMS for kind, body, want in (
+        ("canonical", p["prompt"] + p["canonical_solution"], 1.0), ("stub", p["prompt"] + "    return None\n", 0.0))]
+
+    def judge(case):
+        p, kind, body, want = case
+        out = score_code(block(body), reference(p), CFG)
+        return None if out.reward == want and not out.error else (p["task_id"], kind, out)
+
+    with ThreadPoolExecutor(2) as pool:
+        wrong = [w for w in pool.map(judge, cases) if w is not None]
     assert wrong == []
 
 
