@@ -47,11 +47,9 @@ def map_file(path: str, file_id: str = "") -> Any:
 def file_tensors(buf: Any, entries: list[TensorEntry]) -> list[tuple[str, Any]]:
     """Zero-copy torch views of `buf` (see `map_file`) for each entry; ValueError when one lies
     outside the file or its size does not match its shape and dtype."""
-    import warnings
-
     import numpy as np
-    import torch
 
+    from actors.weights_io import wire_tensor
     from bus.codec import numpy_dtype
 
     out = []
@@ -60,11 +58,7 @@ def file_tensors(buf: Any, entries: list[TensorEntry]) -> list[tuple[str, Any]]:
         want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         if offset < 0 or offset + nbytes > buf.size or nbytes != want:
             raise ValueError(f"{name}: {nbytes} bytes at {offset} do not fit the file or shape {shape} {tag}")
-        arr = buf[offset:offset + nbytes].view(dt).reshape(shape)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only map; only copied from
-            t = torch.from_numpy(arr)
-        out.append((name, t.view(torch.bfloat16) if tag == "bfloat16" else t))
+        out.append((name, wire_tensor(buf[offset:offset + nbytes].view(dt).reshape(shape), tag)))
     return out
 
 

@@ -54,14 +54,20 @@ class NamedTensors(Iterable):
         self.store = store
 
     def __iter__(self) -> Iterator[tuple[str, "torch.Tensor"]]:
-        import torch
-
         for meta, (name, arr) in zip(self.store.manifest.tensors, self.store.arrays()):
-            with warnings.catch_warnings():
-                # A received buffer may be read-only; the engines only read these views (copy_ into params).
-                warnings.filterwarnings("ignore", message=".*not writable.*")
-                t = torch.from_numpy(np.asarray(arr).view(arr.dtype))
-            yield name, (t.view(torch.bfloat16) if meta.dtype == "bfloat16" else t)
+            yield name, wire_tensor(arr, meta.dtype)
+
+
+def wire_tensor(arr: np.ndarray, tag: str) -> "torch.Tensor":
+    """A zero-copy torch view of one tensor's numpy view of a flat buffer, bfloat16 reinterpreted
+    from its uint16 bits. A received or mapped buffer may be read-only; engines only read these
+    views (copy_ into their parameters)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if tag == "bfloat16" else t
 
 
 def named_tensors(store: "WeightStore") -> NamedTensors:
@@ -98,8 +104,6 @@ class StreamedTensors(Iterable):
     def __iter__(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         import time
 
-        import torch
-
         from bus.codec import numpy_dtype
 
         p, cb = self.partial, self.partial.manifest.chunk_bytes
@@ -110,10 +114,7 @@ class StreamedTensors(Iterable):
                         raise StreamBroken(f"version {p.version}: chunk {i} did not come "
                                            f"({'pull ended' if not self.alive() else 'deadline passed'})")
             arr = p.buffer[t.offset:t.offset + t.nbytes].view(numpy_dtype(t.dtype)).reshape(t.shape)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only maps: only copied from
-                tensor = torch.from_numpy(arr)
-            yield t.name, (tensor.view(torch.bfloat16) if t.dtype == "bfloat16" else tensor)
+            yield t.name, wire_tensor(arr, t.dtype)
 
 
 @dataclass
