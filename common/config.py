@@ -156,8 +156,18 @@ class TrainerConfig(Section):
     the model folder's torch_dtype)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    share_prompts: bool = True
+    """Run each group's prompt once in the forward, its responses on top of the prompt's keys and
+    values, instead of once per response (learner/trainer.py `_shared_prompt_hidden`; the same
+    arithmetic), in every step where that computes fewer positions (learner/buffer.py; metric
+    learner/shared_prompts). Off under gradient checkpointing, which turns transformers' KV cache off."""
     seed: int = 0
     """Seed of the trainer (dropout-free models make this matter little)."""
+
+    @property
+    def prompts_shared(self) -> bool:
+        """Whether micro-batches take the shared-prompt form (`share_prompts` in effect)."""
+        return self.share_prompts and not self.gradient_checkpointing
 
 
 SOURCE_NAME = r"^[A-Za-z0-9_.+-]+$"

@@ -24,13 +24,24 @@ Group path (driven by `learner/scheduler.py`, which owns the admission accountin
 3. `to_train_samples` turns groups into per-sample records with group-normalised advantages
    (`learner/advantage.py` `group_advantages`), and `make_micro_batches` packs them for the ranks.
 
-Micro-batch packing: samples (prompt + response tokens) are sorted by length, longest first, and
-dealt to ranks longest-processing-time first (each goes to the rank with the fewest tokens so far),
-which balances tokens and gives each rank a similar length profile. Each rank's list, still sorted,
-is packed greedily: a micro-batch is padded to its first (longest) sample's length L and takes
-samples while b * L <= token_budget; a sample longer than the budget gets a micro-batch of its own.
-Ranks with fewer micro-batches get empty ones (b = 0) so every rank runs the same number of
-forward/backward passes: DeepSpeed's collectives hang otherwise.
+Micro-batch packing works on units: with `share_prompts` (the trainer's default,
+`trainer.share_prompts`) a unit is one group's samples, which share their prompt, so the prompt's
+positions are computed once for the group (the trainer's forward runs the prompts, then every
+response on top of its prompt's keys and values: `learner/trainer.py`); without it, or when a
+group's responses do not fit one micro-batch with their prompt (then the group is cut into pieces
+that do, each with its prompt), a unit is one sample (prompt + response). A unit costs the
+positions it puts through the model: P + sum of its response lengths shared, P + R alone. Units
+are sorted by cost, largest first, and dealt to ranks longest-processing-time first (each goes to
+the rank with the fewest positions so far), which balances the work and gives each rank a similar
+length profile. Each rank's list, still sorted, is packed greedily: a unit joins the open
+micro-batch while its padded size stays within the token budget (b * L flat; g * P + b * R shared,
+P and R the longest prompt and response in it); a unit over the budget gets a micro-batch of its
+own. Ranks with fewer micro-batches get empty ones (b = 0) so every rank runs the same number of
+forward/backward passes: DeepSpeed's collectives hang otherwise. With `share_prompts` both forms
+are planned and the one that computes fewer positions is built: sharing drops the repeated
+prompts but pads each response to the longest in its micro-batch, so short answers to long
+prompts (the embedded tasks: 8 x 11 prompt positions saved per group of 7-token answers) share,
+and long responses of spread lengths stay flat, where sorting by length packs them tighter.
 """
 
 from __future__ import annotations
@@ -238,21 +249,41 @@ def to_train_samples(groups: list[ScoredGroup]) -> list[TrainSample]:
 
 @dataclass
 class MicroBatch:
-    """Right-padded [b, L] arrays aligned with token positions. The trainer scores
+    """Padded arrays in one of two forms, told apart by `prompt_ids`.
+
+    Flat (`prompt_ids` None): right-padded [b, L] rows of prompt + response. The trainer scores
     logits[:, :-1] against input_ids[:, 1:] and uses the [:, 1:] slices of the per-token arrays:
     loss_mask[i, t] = 1 means "token t of row i is a response token that counts", and
-    behaviour_logprobs[i, t] is mu of that token. Position 0 is never in the loss (nothing predicts it)."""
+    behaviour_logprobs[i, t] is mu of that token. Position 0 is never in the loss (nothing predicts it).
 
-    input_ids: np.ndarray  # int64 [b, L] prompt + response
+    Shared prompts: `prompt_ids` [g, P] holds each group's prompt once, left-padded (so every
+    prompt's last token sits in column P - 1), and row i of the [b, L] arrays is one response,
+    right-padded, continuing prompt `row_prompt[i]`. The per-token arrays are aligned with the
+    response tokens themselves, unshifted: token 0 is predicted by the prompt's last position,
+    token t > 0 by response position t - 1."""
+
+    input_ids: np.ndarray  # int64 [b, L] prompt + response (flat) | response (shared)
     attention_mask: np.ndarray  # int64 [b, L]
     loss_mask: np.ndarray  # float32 [b, L]
     behaviour_logprobs: np.ndarray  # float32 [b, L]
     advantages: np.ndarray  # float32 [b, L]
-    n_tokens: int  # loss_mask.sum()
+    n_tokens: int  # loss tokens: loss_mask[:, 1:].sum() flat, loss_mask.sum() shared
+    prompt_ids: np.ndarray | None = None  # int64 [g, P], left-padded (shared form)
+    prompt_mask: np.ndarray | None = None  # int64 [g, P]
+    row_prompt: np.ndarray | None = None  # int64 [b]: the prompt row response row i continues
 
     @property
     def size(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def shared(self) -> bool:
+        return self.prompt_ids is not None
+
+    @property
+    def positions(self) -> int:
+        """Positions the forward computes, padding included."""
+        return int(self.input_ids.size + (self.prompt_ids.size if self.prompt_ids is not None else 0))
 
 
 def build_micro_batch(samples: list[TrainSample], pad_id: int = 0, mask_truncated: bool = False
@@ -278,44 +309,149 @@ def build_micro_batch(samples: list[TrainSample], pad_id: int = 0, mask_truncate
     return MicroBatch(ids, attn, mask, mu, adv, int(mask.sum()))
 
 
+def build_shared_micro_batch(units: list[list[TrainSample]], pad_id: int = 0,
+                             mask_truncated: bool = False) -> MicroBatch:
+    """The shared-prompt form (MicroBatch) of `units`, each a list of samples with one prompt; no
+    units give an empty one (b = 0) of this form, a filler (the trainer's filler makes the same
+    calls as a shared micro-batch: under ZeRO-3 each is a collective)."""
+    if not all(units):
+        raise ValueError("every unit of a shared-prompt micro-batch needs a sample")
+    if not units:
+        empty = np.zeros((0, 0), dtype=np.int64)
+        return MicroBatch(empty, empty, empty.astype(np.float32), empty.astype(np.float32),
+                          empty.astype(np.float32), 0, empty, empty, np.zeros(0, dtype=np.int64))
+    rows = [s for u in units for s in u]
+    p_width = max(len(u[0].prompt_ids) for u in units)
+    r_width = max(len(s.response_ids) for s in rows)
+    prompt_ids = np.full((len(units), p_width), pad_id, dtype=np.int64)
+    prompt_mask = np.zeros((len(units), p_width), dtype=np.int64)
+    for g, u in enumerate(units):
+        p = len(u[0].prompt_ids)
+        if p:
+            prompt_ids[g, p_width - p:] = u[0].prompt_ids
+            prompt_mask[g, p_width - p:] = 1
+    shape = (len(rows), r_width)
+    ids = np.full(shape, pad_id, dtype=np.int64)
+    attn = np.zeros(shape, dtype=np.int64)
+    mask = np.zeros(shape, dtype=np.float32)
+    mu = np.zeros(shape, dtype=np.float32)
+    adv = np.zeros(shape, dtype=np.float32)
+    for i, s in enumerate(rows):
+        n = len(s.response_ids)
+        ids[i, :n], attn[i, :n], mu[i, :n], adv[i, :n] = s.response_ids, 1, s.behaviour_logprobs, s.advantage
+        if not (mask_truncated and s.truncated):
+            mask[i, :n] = 1.0
+    empty = prompt_mask.sum(axis=1) == 0  # nothing predicts the first token of a prompt-less response
+    row_prompt = np.repeat(np.arange(len(units), dtype=np.int64), [len(u) for u in units])
+    mask[empty[row_prompt], :1] = 0.0
+    return MicroBatch(ids, attn, mask, mu, adv, int(mask.sum()), prompt_ids, prompt_mask, row_prompt)
+
+
 def make_micro_batches(
-    samples: list[TrainSample], token_budget: int, n_ranks: int, pad_id: int = 0, mask_truncated: bool = False
+    samples: list[TrainSample], token_budget: int, n_ranks: int, pad_id: int = 0, mask_truncated: bool = False,
+    share_prompts: bool = False,
 ) -> tuple[list[list[MicroBatch]], dict[str, float]]:
-    """Per rank, the same number of micro-batches of at most `token_budget` padded tokens (see the
-    module docstring). Metrics: learner/padding_frac (padded positions / all positions),
-    learner/micro_batches (per rank), learner/rank_token_imbalance (max rank tokens / mean),
-    learner/loss_tokens (the batch's total_tokens for the loss)."""
+    """Per rank, the same number of micro-batches of at most `token_budget` padded positions (see
+    the module docstring). With `share_prompts`, both forms are planned and the one that computes
+    fewer positions is built (the flat one on a tie): sharing saves a group's repeated prompt but
+    pads each response to the longest in its micro-batch, which long responses of spread lengths can
+    cost more than it saves. Metrics: learner/padding_frac (padded positions / all positions),
+    learner/positions (all positions the forwards compute, padding included),
+    learner/shared_prompts (1 if the shared form was built), learner/micro_batches (per rank),
+    learner/rank_token_imbalance (max rank positions / mean), learner/loss_tokens (the batch's
+    total_tokens for the loss)."""
     if token_budget < 1 or n_ranks < 1:
         raise ValueError(f"token_budget and n_ranks must be >= 1, got {token_budget}, {n_ranks}")
-    ordered = sorted(samples, key=lambda s: s.length, reverse=True)
-    per_rank: list[list[TrainSample]] = [[] for _ in range(n_ranks)]
-    load = [0] * n_ranks
-    for s in ordered:
-        r = min(range(n_ranks), key=lambda i: (load[i], i))
-        per_rank[r].append(s)
-        load[r] += s.length
-    packed = [[build_micro_batch(mb, pad_id, mask_truncated) for mb in _pack(lst, token_budget)]
-              for lst in per_rank]
+    plan = _plan([[s] for s in samples], token_budget, n_ranks, shared=False)
+    if share_prompts:
+        shared = _plan(_prompt_units(samples, token_budget), token_budget, n_ranks, shared=True)
+        plan = shared if shared.positions < plan.positions else plan
+
+    def build(mb: list[list[TrainSample]]) -> MicroBatch:
+        if plan.shared:
+            return build_shared_micro_batch(mb, pad_id, mask_truncated)
+        return build_micro_batch([s for u in mb for s in u], pad_id, mask_truncated)
+
+    packed = [[build(mb) for mb in mbs] for mbs in plan.per_rank]
     count = max(len(p) for p in packed)
     for p in packed:
-        p.extend(build_micro_batch([], pad_id) for _ in range(count - len(p)))
-    real = sum(load)
-    padded = sum(mb.input_ids.size for p in packed for mb in p)
+        p.extend(build([]) for _ in range(count - len(p)))
+    real = sum(plan.load)
     metrics = {
-        "learner/padding_frac": 1.0 - real / padded if padded else 0.0,
+        "learner/padding_frac": 1.0 - real / plan.positions if plan.positions else 0.0,
+        "learner/positions": float(plan.positions),
+        "learner/shared_prompts": float(plan.shared),
         "learner/micro_batches": float(count),
-        "learner/rank_token_imbalance": max(load) / (real / n_ranks) if real else 1.0,
+        "learner/rank_token_imbalance": max(plan.load) / (real / n_ranks) if real else 1.0,
         "learner/loss_tokens": float(sum(mb.n_tokens for p in packed for mb in p)),
     }
     return packed, metrics
 
 
-def _pack(ordered: list[TrainSample], token_budget: int) -> list[list[TrainSample]]:
-    """Greedy packing of length-descending samples: b * L_first <= budget, oversize alone."""
-    groups: list[list[TrainSample]] = []
-    for s in ordered:
-        if groups and (len(groups[-1]) + 1) * groups[-1][0].length <= token_budget:
-            groups[-1].append(s)
+@dataclass
+class _Plan:
+    """Units dealt to ranks and packed into micro-batches, not yet built: `load` is each rank's real
+    positions, `positions` all the forwards would compute, padding included."""
+
+    shared: bool
+    per_rank: list[list[list[list[TrainSample]]]]
+    load: list[int]
+    positions: int
+
+
+def _plan(units: list[list[TrainSample]], token_budget: int, n_ranks: int, shared: bool) -> _Plan:
+    ordered = sorted(units, key=_unit_cost, reverse=True)
+    dealt: list[list[list[TrainSample]]] = [[] for _ in range(n_ranks)]
+    load = [0] * n_ranks
+    for u in ordered:
+        r = min(range(n_ranks), key=lambda i: (load[i], i))
+        dealt[r].append(u)
+        load[r] += _unit_cost(u)
+    packed = [_pack(lst, token_budget, shared) for lst in dealt]
+    per_rank = [[mb for mb, _ in p] for p in packed]
+    return _Plan(shared, per_rank, load, sum(size for p in packed for _, size in p))
+
+
+def _prompt_units(samples: list[TrainSample], token_budget: int) -> list[list[TrainSample]]:
+    """Samples grouped by prompt (same id and tokens), in first-seen order, each group's samples
+    longest response first; a group over the budget is cut into pieces that fit with their prompt."""
+    groups: dict[tuple[str, bytes], list[TrainSample]] = {}
+    for s in samples:
+        groups.setdefault((s.prompt_id, np.asarray(s.prompt_ids).tobytes()), []).append(s)
+    units: list[list[TrainSample]] = []
+    for group in groups.values():
+        group.sort(key=lambda s: len(s.response_ids), reverse=True)
+        piece: list[TrainSample] = []
+        for s in group:  # longest first: a piece's width is its first response's
+            if piece and len(s.prompt_ids) + (len(piece) + 1) * len(piece[0].response_ids) > token_budget:
+                units.append(piece)
+                piece = []
+            piece.append(s)
+        units.append(piece)
+    return units
+
+
+def _unit_cost(unit: list[TrainSample]) -> int:
+    """Positions a unit puts through the model: its prompt once, then every response."""
+    return len(unit[0].prompt_ids) + sum(len(s.response_ids) for s in unit)
+
+
+def _pack(ordered: list[list[TrainSample]], token_budget: int, shared: bool
+          ) -> list[tuple[list[list[TrainSample]], int]]:
+    """Greedy packing of cost-descending units: a unit joins the open micro-batch while the padded
+    size g * P + b * R stays within the budget (flat: P = 0 and R the longest row, so b * L);
+    a unit over the budget alone. Returns (micro-batch, its padded size) pairs."""
+    out: list[tuple[list[list[TrainSample]], int]] = []
+    g = b = p = r = 0
+    for u in ordered:
+        up = len(u[0].prompt_ids) if shared else 0
+        ur = max(len(s.response_ids) if shared else s.length for s in u)
+        ng, nb, np_, nr = g + 1, b + len(u), max(p, up), max(r, ur)
+        if out and ng * np_ + nb * nr <= token_budget:
+            out[-1][0].append(u)
+            g, b, p, r = ng, nb, np_, nr
         else:
-            groups.append([s])
-    return groups
+            out.append(([u], 0))
+            g, b, p, r = 1, len(u), up, ur
+        out[-1] = (out[-1][0], g * p + b * r)
+    return out

@@ -132,7 +132,8 @@ class Learner:
         samples = to_train_samples(batch.groups)
         per_rank, mb_metrics = make_micro_batches(samples, lc.trainer.micro_batch_tokens,
                                                   self.ranks.world_size, pad_id=self.pad_id,
-                                                  mask_truncated=lc.loss.mask_truncated)
+                                                  mask_truncated=lc.loss.mask_truncated,
+                                                  share_prompts=lc.trainer.prompts_shared)
         alpha = self.controller.alpha()
         metrics = self.ranks.step(per_rank, int(mb_metrics["learner/loss_tokens"]), alpha)
         metrics.update(self.controller.update(metrics["entropy/mean"]))

@@ -44,7 +44,15 @@ head call per micro-batch on every rank, however many chunks each rank's tokens 
 collectives stay in lockstep; a micro-batch without loss tokens (a filler) scores one dummy row
 whose result enters the loss times 0.
 
-Input checks (shapes, token ranges, finite values, equal M on all ranks, T) end in one all-reduce,
+Shared prompts (learner/buffer.py MicroBatch, the shared form; `trainer.share_prompts`): a GRPO
+group's n responses continue one prompt, so the forward runs the micro-batch's g prompts once,
+keeping their keys and values, and then the responses on top of them (`_shared_prompt_hidden`):
+g * P + b * R positions instead of b * (P + R), with the same arithmetic (tests check the gradient
+against the flat form's). Both backbone calls happen inside the one engine forward, fillers
+included, so ZeRO-3's gathers pair up across ranks; all ranks must hold one form (checked with the
+rest below).
+
+Input checks (shapes, token ranges, finite values, equal M on all ranks, one form, T) end in one all-reduce,
 so a bad batch raises the same ValueError on every rank before any forward: nothing hangs.
 """
 
@@ -72,13 +80,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class _Batch:
-    """One micro-batch as tensors; the per-token ones are the [:, 1:] slices (aligned with targets)."""
+    """One micro-batch as tensors; the per-token ones aligned with the scored targets (the [:, 1:]
+    slices flat, the response tokens themselves with shared prompts: learner/buffer.py MicroBatch)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     mask: torch.Tensor
     behaviour: torch.Tensor
     advantages: torch.Tensor
+    prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # ids, mask, row_prompt
 
 
 class Trainer:
@@ -127,8 +137,11 @@ class Trainer:
         n, k = len(micro_batches), self.cfg.loss.sgd_steps
         spans = _spans(n, k)
         error = next((e for e in (self._check(mb) for mb in micro_batches) if e), "")
+        forms = {mb.prompt_ids is not None for mb in micro_batches}
+        if len(forms) > 1:
+            error = error or "micro-batches of both forms (shared prompts and flat) in one step"
         local = [sum(_tokens(mb) for mb in micro_batches[a:b]) for a, b in spans]
-        span_tokens = self._agree(n, int(total_tokens), error, local)
+        span_tokens = self._agree(n, int(total_tokens), error, local, int(True in forms and len(forms) == 1))
         batches = [self._tensors(mb) for mb in micro_batches]
         prox: list[torch.Tensor | None] = [None] * n
         if k > 1:  # pi_prox = the policy before this batch's first step (PPO's pi_old)
@@ -173,9 +186,9 @@ class Trainer:
 
     def _score(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_theta and H of the micro-batch's loss tokens at the sampling temperature, both
-        [b, L-1] float32 aligned with input_ids[:, 1:] (0 elsewhere), via the engine's forward."""
+        float32 aligned with batch.mask (0 elsewhere), via the engine's forward."""
         with scoring_forward(self.engine.module, self.temperature):
-            return self.engine(batch.input_ids, batch.attention_mask, batch.mask > 0)
+            return self.engine(batch.input_ids, batch.attention_mask, batch.mask > 0, batch.prompts)
 
     def _optimizer_step(self) -> float:
         """engine.step(); the pre-clip global gradient norm (DeepSpeed reports it for ZeRO >= 1;
@@ -198,12 +211,16 @@ class Trainer:
             if shape[0] == 0:
                 return ""
             ids, mask = np.asarray(mb.input_ids), np.asarray(mb.loss_mask)
-            if shape[1] < 2:
+            if mb.prompt_ids is not None:
+                why = self._check_prompts(mb, shape)
+                if why:
+                    return why
+            elif shape[1] < 2:
                 return f"sequences need >= 2 tokens, got L={shape[1]}"
+            elif np.any(mask[:, 0] != 0):
+                return "loss_mask[:, 0] must be 0 (no logit predicts position 0)"
             if ids.min() < 0 or ids.max() >= self.vocab_size:
                 return f"token ids outside [0, {self.vocab_size})"
-            if np.any(mask[:, 0] != 0):
-                return "loss_mask[:, 0] must be 0 (no logit predicts position 0)"
             live = mask > 0
             finite = [np.isfinite(np.asarray(a)[live]).all() for a in (mb.advantages, mb.behaviour_logprobs)]
             if not all(finite):
@@ -214,23 +231,43 @@ class Trainer:
             return f"malformed micro-batch: {e}"
         return ""
 
-    def _agree(self, n: int, total: int, error: str, local_tokens: list[int]) -> list[int]:
+    def _check_prompts(self, mb: MicroBatch, shape: tuple[int, ...]) -> str:
+        """'' or why the shared-prompt arrays of `mb` (learner/buffer.py MicroBatch) are unusable."""
+        prompts, pmask = np.asarray(mb.prompt_ids), np.asarray(mb.prompt_mask)
+        rows = np.asarray(mb.row_prompt)
+        if prompts.ndim != 2 or pmask.shape != prompts.shape or prompts.shape[0] == 0:
+            return f"prompt_ids must be [g >= 1, P] like prompt_mask, got {prompts.shape} and {pmask.shape}"
+        if shape[1] < 1:
+            return "responses need >= 1 token, got L=0"
+        if rows.shape != (shape[0],) or rows.min() < 0 or rows.max() >= prompts.shape[0]:
+            return f"row_prompt must be [{shape[0]}] prompt rows in [0, {prompts.shape[0]})"
+        if prompts.size and (prompts.min() < 0 or prompts.max() >= self.vocab_size):
+            return f"prompt token ids outside [0, {self.vocab_size})"
+        if np.any(pmask.sum(axis=1) == 0) or np.any(np.diff(pmask, axis=1) < 0):
+            return "every prompt needs >= 1 token, left-padded (prompt_mask 0...0 1...1)"
+        return ""
+
+    def _agree(self, n: int, total: int, error: str, local_tokens: list[int], shared: int) -> list[int]:
         """One MAX and one SUM all-reduce: the same verdict on every rank, then the global tokens
-        of each mini-batch."""
+        of each mini-batch. `shared`: 1 if this rank's micro-batches take the shared-prompt form."""
         import torch.distributed as dist
 
-        flags = torch.tensor([n, -n, int(bool(error)), total, -total], dtype=torch.int64, device=self.device)
+        flags = torch.tensor([n, -n, int(bool(error)), total, -total, shared, -shared],
+                             dtype=torch.int64, device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         tokens = torch.tensor(local_tokens or [0], dtype=torch.int64, device=self.device)
         dist.all_reduce(tokens)
-        n_max, n_min, bad, t_max, t_min = flags.tolist()
-        n_min, t_min = -n_min, -t_min
+        n_max, n_min, bad, t_max, t_min, s_max, s_min = flags.tolist()
+        n_min, t_min, s_min = -n_min, -t_min, -s_min
         span_tokens = tokens.tolist()[: len(local_tokens)]
         if bad:
             raise ValueError(f"bad micro-batch: {error}" if error else "bad micro-batch on another rank")
         if n_max != n_min:
             raise ValueError(f"ranks hold different micro-batch counts ({n_min}..{n_max}); "
                              "pad with empty ones")
+        if s_max != s_min:  # the shared form runs the backbone twice: ZeRO-3's gathers would not pair up
+            raise ValueError("ranks hold micro-batches of different forms (shared prompts or flat); "
+                             "build every rank's, fillers included, in one form")
         if t_max != t_min or sum(span_tokens) != total:
             raise ValueError(f"total_tokens={total} (ranks {t_min}..{t_max}) but the batch has "
                              f"{sum(span_tokens)} loss tokens")
@@ -240,18 +277,23 @@ class Trainer:
 
     def _tensors(self, mb: MicroBatch) -> _Batch:
         ids = np.asarray(mb.input_ids)
-        if ids.shape[0] == 0:  # filler: one dummy row, all-zero mask (module docstring)
+        cut = mb.prompt_ids is None  # flat: the per-token arrays' [:, 1:] (MicroBatch)
+        if ids.shape[0] == 0:  # filler: one dummy row of the same form, all-zero mask (module docstring)
             zeros = torch.zeros((1, 1), dtype=torch.float32, device=self.device)
-            dummy = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-            return _Batch(dummy, torch.ones_like(dummy), zeros, zeros, zeros)
+            dummy = torch.zeros((1, 2 if cut else 1), dtype=torch.long, device=self.device)
+            row = torch.zeros(1, dtype=torch.long, device=self.device)
+            prompt = None if cut else (dummy, torch.ones_like(dummy), row)
+            return _Batch(dummy, torch.ones_like(dummy), zeros, zeros, zeros, prompt)
 
-        def t(a: Any, dtype: torch.dtype, cut: bool) -> torch.Tensor:
+        def t(a: Any, dtype: torch.dtype, cut: bool = False) -> torch.Tensor:
             a = np.asarray(a)[:, 1:] if cut else np.asarray(a)
             return torch.from_numpy(np.ascontiguousarray(a)).to(device=self.device, dtype=dtype)
 
-        return _Batch(t(ids, torch.long, False), t(mb.attention_mask, torch.long, False),
-                      t(mb.loss_mask, torch.float32, True), t(mb.behaviour_logprobs, torch.float32, True),
-                      t(mb.advantages, torch.float32, True))
+        prompts = None if cut else (t(mb.prompt_ids, torch.long), t(mb.prompt_mask, torch.long),
+                                    t(mb.row_prompt, torch.long))
+        return _Batch(t(ids, torch.long), t(mb.attention_mask, torch.long),
+                      t(mb.loss_mask, torch.float32, cut), t(mb.behaviour_logprobs, torch.float32, cut),
+                      t(mb.advantages, torch.float32, cut), prompts)
 
     def _sum_over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         import torch.distributed as dist
@@ -408,7 +450,10 @@ def _spans(n: int, k: int) -> list[tuple[int, int]]:
 
 def _tokens(mb: MicroBatch) -> int:
     try:
-        return int((np.asarray(mb.loss_mask)[:, 1:] > 0).sum()) if np.shape(mb.loss_mask)[0] else 0
+        if not np.shape(mb.loss_mask)[0]:
+            return 0
+        mask = np.asarray(mb.loss_mask)
+        return int(((mask if mb.prompt_ids is not None else mask[:, 1:]) > 0).sum())
     except (AttributeError, IndexError, TypeError, ValueError):
         return 0  # malformed: _check reports it
 
@@ -440,8 +485,9 @@ def check_scorable(model: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def scoring_forward(model: torch.nn.Module, temperature: float):
-    """While open, `model(input_ids, attention_mask, live)` returns (log pi, H) of the positions
-    `live` [b, L-1] (`_score_tokens`), and the head's forward is the chunked one (`_head_scores`)."""
+    """While open, `model(input_ids, attention_mask, live, prompts)` returns (log pi, H) of the
+    positions `live` (`_score_tokens`; [b, L-1] flat, [b, L] with shared prompts), and the head's
+    forward is the chunked one (`_head_scores`)."""
     head = model.get_output_embeddings()
     saved = [(m, m.__dict__.get("forward")) for m in (model, head)]
     model.forward = functools.partial(_score_tokens, model, head)
@@ -457,10 +503,14 @@ def scoring_forward(model: torch.nn.Module, temperature: float):
 
 
 def _score_tokens(model: torch.nn.Module, head: torch.nn.Module, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = hidden.last_hidden_state[:, :-1]
-    targets = input_ids[:, 1:]
+                  attention_mask: torch.Tensor, live: torch.Tensor,
+                  prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    if prompts is not None:
+        hidden, targets = _shared_prompt_hidden(model, input_ids, attention_mask, *prompts)
+    else:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden, targets = hidden.last_hidden_state[:, :-1], input_ids[:, 1:]
     zeros = torch.zeros(live.shape, dtype=torch.float32, device=hidden.device)
     if not bool(live.any()):  # filler: the head still runs (every rank calls it once), times 0
         logp, entropy = head(hidden[:1, 0], targets[:1, 0])
@@ -468,6 +518,35 @@ def _score_tokens(model: torch.nn.Module, head: torch.nn.Module, input_ids: torc
         return zeros + nothing, zeros + nothing
     logp, entropy = head(hidden[live], targets[live])
     return zeros.masked_scatter(live, logp), zeros.masked_scatter(live, entropy)
+
+
+def _shared_prompt_hidden(model: torch.nn.Module, responses: torch.Tensor, response_mask: torch.Tensor,
+                          prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, row_prompt: torch.Tensor,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states that predict each response token, and those tokens, both [b, L], with
+    every prompt run once (learner/buffer.py MicroBatch, shared form).
+
+    The g left-padded prompts run first, keeping their keys and values; those are gathered to the
+    b response rows (row i continues prompt row_prompt[i]) and the responses run on top of them,
+    each position at its place in its own sequence (prompt length + t) and masked to its own
+    prompt's real tokens. A causal model's prompt states do not depend on what follows, so this is
+    the flat forward's arithmetic: the same states, and in backward each prompt position receives
+    the sum of what its b responses send back through the gathered keys and values, which is what
+    b separate copies of it would have received. Token 0 of a response is predicted by its
+    prompt's last position (column P - 1: the prompts are left-padded), token t by response
+    position t - 1."""
+    base = model.base_model
+    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    first = base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True)
+    cache = first.past_key_values
+    cache.batch_select_indices(row_prompt)
+    steps = torch.arange(responses.shape[1], device=responses.device)
+    positions = prompt_mask.sum(-1)[row_prompt, None] + steps
+    mask = torch.cat([prompt_mask[row_prompt], response_mask], dim=1)
+    out = base(input_ids=responses, attention_mask=mask, position_ids=positions, past_key_values=cache,
+               use_cache=True).last_hidden_state
+    hidden = torch.cat([first.last_hidden_state[row_prompt, -1:], out[:, :-1]], dim=1)
+    return hidden, responses
 
 
 def _head_scores(head: torch.nn.Linear, temperature: float, hidden: torch.Tensor,

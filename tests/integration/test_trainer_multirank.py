@@ -2,7 +2,9 @@
 
 The test starts `torchrun --nproc_per_node 2` on THIS file (its `__main__` is the rank program):
 rank 0 drives the step through `RankGroup` (scatter of micro-batches, learner/dist.py), rank 1
-sits in `worker_loop`. Each rank gets 3 micro-batches (rank 1's last one an empty filler), DeepSpeed
+sits in `worker_loop`. Each rank gets 3 micro-batches (rank 1's last one an empty filler; in the
+shared-prompt case, under ZeRO-3, the same groups in that form, where every micro-batch, fillers
+included, runs the backbone twice, so the ranks' parameter gathers must still pair up), DeepSpeed
 accumulates with its own scaling compensated (learner/trainer.py), and the gradient is read just
 before `engine.step()` (a Trainer subclass wraps `_optimizer_step`; `safe_get_full_grad` assembles
 ZeRO-2/3 partitions, collectively on every rank), i.e. after the data-parallel reduction and before
@@ -35,15 +37,19 @@ TEMPERATURE = 0.9
 
 
 def make_samples(seed: int = 0, n: int = 10):
-    """Deterministic samples of mixed lengths with mixed-sign advantages."""
-    return train_samples(seed, n, prompt=(2, 6), response=(2, 9))
+    """Deterministic samples of mixed lengths with mixed-sign advantages, in groups of 2 (one prompt each)."""
+    return train_samples(seed, n, prompt=(2, 6), response=(2, 9), group_size=2)
 
 
-def split_for_ranks(samples):
-    """Rank 0: 3 micro-batches; rank 1: 2 and an empty filler (b = 0)."""
-    from learner.buffer import build_micro_batch
+def split_for_ranks(samples, shared: bool = False):
+    """Rank 0: 3 micro-batches; rank 1: 2 and an empty filler (b = 0). Shared prompts: rank 0 holds
+    groups 0 and 1 in one micro-batch, group 2, and a filler; rank 1 groups 3 and 4, then a filler."""
+    from learner.buffer import build_micro_batch, build_shared_micro_batch
 
     cuts = [samples[0:2], samples[2:4], samples[4:6], samples[6:8], samples[8:10], []]
+    if shared:
+        return [[build_shared_micro_batch(c) for c in ([cuts[0], cuts[1]], [cuts[2]], [])],
+                [build_shared_micro_batch(c) for c in ([cuts[3]], [cuts[4]], [])]]
     mbs = [build_micro_batch(c) for c in cuts]
     return [mbs[0:3], mbs[3:6]]
 
@@ -83,7 +89,7 @@ def rank_main(args: argparse.Namespace) -> None:
         return
     out = Path(args.out)
     ranks = RankGroup(trainer)
-    per_rank = split_for_ranks(make_samples())
+    per_rank = split_for_ranks(make_samples(), args.shared)
     total = sum(mb.n_tokens for mbs in per_rank for mb in mbs)
     metrics = ranks.step(per_rank, total, entropy_coef=0.003)
     np.savez(out / "grads.npz", **trainer.grads)
@@ -165,13 +171,14 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_two_ranks_three_micro_batches_match_one_batch(stage, tiny_model, tmp_path):
+@pytest.mark.parametrize("stage,shared", [(0, False), (2, False), (3, False), (3, True)])
+def test_two_ranks_three_micro_batches_match_one_batch(stage, shared, tiny_model, tmp_path):
     from procs import free_port  # here: this file also runs as the ranks' script, without tests/ on the path
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(HERE), "--stage", str(stage), "--model", str(tiny_model), "--out", str(tmp_path)]
+           str(HERE), "--stage", str(stage), "--model", str(tiny_model), "--out", str(tmp_path),
+           *(["--shared"] if shared else [])]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads((tmp_path / "result.json").read_text())
@@ -203,4 +210,5 @@ if __name__ == "__main__":
     parser.add_argument("--stage", type=int, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--shared", action="store_true", help="the shared-prompt form (learner/buffer.py)")
     rank_main(parser.parse_args())

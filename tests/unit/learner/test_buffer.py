@@ -5,7 +5,8 @@ import pytest
 
 from bus.messages import FINISH_LENGTH, FINISH_STOP, Sample
 from learner.buffer import (
-    GroupBuffer, ScoredGroup, TrainSample, build_micro_batch, make_micro_batches, to_train_samples,
+    GroupBuffer, ScoredGroup, TrainSample, build_micro_batch, build_shared_micro_batch, make_micro_batches,
+    to_train_samples,
 )
 
 
@@ -212,3 +213,69 @@ def test_ranks_padded_with_empty_micro_batches():
         make_micro_batches([], token_budget=0, n_ranks=1)
     empty, m = make_micro_batches([], token_budget=10, n_ranks=2)
     assert [len(r) for r in empty] == [0, 0] and m["learner/padding_frac"] == 0.0
+
+
+# --- shared prompts -----------------------------------------------------------------------
+
+
+def gs(pid, p, r, adv=1.0, truncated=False):
+    """A sample of group `pid`: prompt 1..p (the group's), response 100.. of length r."""
+    return TrainSample(np.arange(1, p + 1, dtype=np.int32), np.arange(100, 100 + r, dtype=np.int32),
+                       -np.ones(r, np.float32), adv, 1.0, truncated, 0, pid)
+
+
+def test_shared_micro_batch_layout():
+    # group a: prompt [1, 2], responses of 3 and 1 tokens (the second truncated); group b: prompt [1, 2, 3]
+    units = [[gs("a", 2, 3, adv=0.5), gs("a", 2, 1, adv=-2.0, truncated=True)], [gs("b", 3, 2, adv=1.0)]]
+    mb = build_shared_micro_batch(units, pad_id=9, mask_truncated=True)
+    assert mb.shared and mb.prompt_ids.tolist() == [[9, 1, 2], [1, 2, 3]]  # left-padded
+    assert mb.prompt_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert mb.row_prompt.tolist() == [0, 0, 1]
+    assert mb.input_ids.tolist() == [[100, 101, 102], [100, 9, 9], [100, 101, 9]]  # responses, right-padded
+    assert mb.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert mb.loss_mask.tolist() == [[1, 1, 1], [0, 0, 0], [1, 1, 0]]  # unshifted; the truncated row masked
+    assert mb.advantages.tolist() == [[0.5, 0.5, 0.5], [-2.0, 0, 0], [1.0, 1.0, 0]]
+    assert mb.behaviour_logprobs.tolist() == [[-1, -1, -1], [-1, 0, 0], [-1, -1, 0]]
+    assert mb.n_tokens == 5 and mb.size == 3 and mb.positions == 6 + 9
+    assert build_shared_micro_batch([[gs("c", 0, 2)]]).loss_mask.tolist() == [[0, 1]]  # nothing predicts token 0
+    empty = build_shared_micro_batch([])
+    assert empty.shared and empty.size == 0 and empty.n_tokens == 0
+    with pytest.raises(ValueError, match="needs a sample"):
+        build_shared_micro_batch([[]])
+
+
+def test_shared_packing_runs_each_prompt_once_and_cuts_groups_over_the_budget():
+    rng = np.random.default_rng(1)
+    samples = [gs(f"g{g}", 10 + g, int(rng.integers(1, 30))) for g in range(6) for _ in range(8)]
+    samples += [gs("big", 20, 60) for _ in range(8)]  # 20 + 8 x 60 > the budget: cut into pieces
+    budget = 400
+    per_rank, m = make_micro_batches(samples, token_budget=budget, n_ranks=2, share_prompts=True)
+    assert m["learner/shared_prompts"] == 1
+    _, mf = make_micro_batches(samples, token_budget=budget, n_ranks=2)
+    mbs = [mb for r in per_rank for mb in r]
+    assert len(per_rank[0]) == len(per_rank[1]) and all(mb.shared for mb in mbs)  # fillers too
+    assert sum(mb.size for mb in mbs) == len(samples)
+    assert all(mb.positions <= budget for mb in mbs)
+    pieces = [mb for mb in mbs if mb.size and (mb.input_ids[:, 0] == 100).all() and mb.prompt_ids.shape[1] == 20]
+    big_prompts = sum(int((mb.prompt_mask.sum(1) == 20).sum()) for mb in mbs)
+    assert pieces and big_prompts == -(-8 // ((budget - 20) // 60))  # the big group in the fewest pieces
+    for mb in mbs:  # every response row continues its own group's prompt
+        for i, g in enumerate(mb.row_prompt):
+            assert mb.prompt_mask[g].sum() >= 10
+    assert m["learner/loss_tokens"] == mf["learner/loss_tokens"] == sum(len(s.response_ids) for s in samples)
+    real = sum(int(mb.prompt_mask.sum() + mb.attention_mask.sum()) for mb in mbs)  # each piece's prompt once
+    assert m["learner/positions"] == sum(mb.positions for mb in mbs)
+    assert m["learner/padding_frac"] == pytest.approx(1 - real / m["learner/positions"])
+    assert m["learner/shared_prompts"] == 1 and mf["learner/shared_prompts"] == 0
+    assert m["learner/positions"] < mf["learner/positions"]
+
+
+def test_shared_prompts_only_when_they_compute_fewer_positions():
+    """Short prompts and responses of spread lengths: a group padded to its longest response costs
+    more than its repeated prompt, so the flat form (sorted by length across groups) is built."""
+    rng = np.random.default_rng(2)
+    samples = [gs(f"g{g}", 2, int(rng.integers(1, 300))) for g in range(4) for _ in range(8)]
+    shared, m = make_micro_batches(samples, token_budget=1200, n_ranks=1, share_prompts=True)
+    _, mf = make_micro_batches(samples, token_budget=1200, n_ranks=1)
+    assert m["learner/shared_prompts"] == 0 and not any(mb.shared for mb in shared[0])
+    assert m["learner/positions"] == mf["learner/positions"]

@@ -12,10 +12,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from samples import train_samples
 
 from common.config import LearnerConfig, OptimConfig, TrainerConfig
 from learner import checkpoint as ckpt
-from learner.buffer import TrainSample, build_micro_batch
+from learner.buffer import TrainSample, build_micro_batch, build_shared_micro_batch, make_micro_batches
 from learner.ds_setup import build_deepspeed_config
 from learner.trainer import Trainer
 
@@ -155,7 +156,10 @@ class GradProbe(Trainer):
     """Records the accumulated gradient instead of stepping (parameters stay put)."""
 
     def _optimizer_step(self) -> float:
-        self.grads = {n: p.grad.detach().clone() for n, p in self.engine.module.named_parameters()}
+        from deepspeed.utils import safe_get_full_grad
+
+        self.grads = {n: safe_get_full_grad(p).detach().clone().reshape(getattr(p, "ds_shape", p.shape))
+                      for n, p in self.engine.module.named_parameters()}  # ZeRO-3: gathered
         self.engine.optimizer.zero_grad()
         return 0.0
 
@@ -185,6 +189,48 @@ def test_accumulation_is_exact_with_fillers(tiny_model):
         assert m["entropy/mean"] == pytest.approx(m0["entropy/mean"], rel=1e-6)
     assert m0["learner/tokens"] == tokens(whole) == sum(len(s.response_ids) for s in batch)
     assert 0.1 < m0["entropy/mean"] < np.log(2048) + 1e-3
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_shared_prompts_give_the_flat_gradient(stage, tiny_model):
+    """Each group's prompt run once, its responses on the prompt's keys and values (the shared-prompt
+    form), gives the flat form's loss, metrics and gradient: micro-batches holding two groups, a
+    group cut into pieces, prompts of different lengths (left-padded) and a filler included."""
+    batch = train_samples(11, 12, prompt=(2, 7), response=(1, 9), group_size=4)  # 3 groups of 4
+    per_rank, m = make_micro_batches(batch, token_budget=25, n_ranks=1, share_prompts=True)
+    shared = per_rank[0] + [build_shared_micro_batch([])]
+    assert max(mb.prompt_ids.shape[0] for mb in shared) >= 2  # two groups in one micro-batch
+    assert sum(mb.prompt_ids.shape[0] for mb in shared[:-1]) > 3  # a group cut into pieces
+    assert len({len(s.prompt_ids) for s in batch}) > 1 and sum(mb.size for mb in shared) == 12
+    assert m["learner/positions"] < sum(s.length for s in batch)  # fewer positions than flat
+    flat = [build_micro_batch(batch[:7]), build_micro_batch([]), build_micro_batch(batch[7:])]
+    runs = []
+    for mbs in (flat, shared):
+        probe = GradProbe(tiny_model, config(stage), temperature=0.8)
+        runs.append((probe.train_step(mbs, tokens(mbs), entropy_coef=0.004), probe.grads))
+    (m0, g0), (m1, g1) = runs
+    scale = max(g.abs().max().item() for g in g0.values())
+    assert scale > 1e-3
+    assert max((g1[n] - g0[n]).abs().max().item() for n in g0) <= 1e-5 * scale
+    for key in ("loss/total", "entropy/mean", "loss/policy"):
+        assert m1[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-6)  # the losses cancel to ~1e-2
+    assert m1["learner/tokens"] == m0["learner/tokens"] == sum(len(s.response_ids) for s in batch)
+
+
+def test_shared_prompt_batches_are_checked(trainer):
+    def bad(**change):
+        mb = build_shared_micro_batch([train_samples(4, 3, group_size=3)])
+        for name, value in change.items():
+            getattr(mb, name)[...] = value
+        return mb
+
+    for mb, why in ((bad(row_prompt=1), "row_prompt"), (bad(prompt_ids=10**6), "prompt token ids"),
+                    (bad(prompt_mask=0), "left-padded")):
+        with pytest.raises(ValueError, match=why):
+            trainer.train_step([mb], tokens([mb]), 0.0)
+    mixed = [build_shared_micro_batch([train_samples(4, 3, group_size=3)]), build_micro_batch(samples(4, 3))]
+    with pytest.raises(ValueError, match="both forms"):
+        trainer.train_step(mixed, tokens(mixed), 0.0)
 
 
 def test_bad_batches_raise_and_the_trainer_survives(trainer):
