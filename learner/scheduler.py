@@ -67,7 +67,7 @@ from learner.staleness import check_eta, fresh_enough, last_trainable, min_weigh
 from common.data import data_sources
 from learner.mixture import make_order
 
-RETRY_ADMISSION_S = 0.2  # a slot frees when a group is scored or a step ends: soon
+RETRY_ADMISSION_S = 0.02  # a slot frees when a group is scored or a step ends: soon
 RETRY_WEIGHTS_S = 0.0  # pull, then ask again at once
 RETRY_NO_DATA_S = 1.0
 RETRY_DONE_S = 5.0
