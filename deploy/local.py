@@ -138,7 +138,7 @@ def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> in
         print(f"or1: {e}", flush=True)
         return 2
     (run_dir / "endpoint").unlink(missing_ok=True)
-    interrupted = False
+    interrupted = failed = False
     try:
         learner = fleet.start_learner(cfg.run.learner_ranks)
         fleet.learner_ep = wait_endpoint(run_dir / "endpoint", learner)
@@ -154,6 +154,7 @@ def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> in
         print("\nor1: interrupted; stopping every process ...", flush=True)
     except RuntimeError as e:
         print(f"or1: {e}", flush=True)
+        failed = True
     finally:
         fleet.stop()
     rc = learner.proc.returncode if learner.proc.returncode is not None else 1
@@ -166,6 +167,8 @@ def run(cfg: Config, explicit_out: bool = False, log_format: str = "auto") -> in
         print(f"or1: no plot ({e})")
     if interrupted:
         return 130
+    if failed and rc == 0:
+        return 1
     if rc != 0:
         print(f"or1: the learner exited with {rc}; see {learner.log}")
     return rc
@@ -227,6 +230,23 @@ def follow(fleet: Fleet, learner: Child, steps: int) -> None:
                 if c is not learner and c.proc.poll() not in (None, 0) and c.name not in reported:
                     reported.add(c.name)
                     bar.console.print(f"[yellow]{c.name} exited with {c.proc.returncode}; see {c.log}")
+            gone = lost_role(fleet, learner)
+            if gone:
+                raise RuntimeError(gone)
+
+
+def lost_role(fleet: Fleet, learner: Child) -> str:
+    """'' while a role `or1 run` started still has a live process; else what was lost: with all its
+    actors (or all its reward workers) gone, one or more of them failed, the learner would wait for
+    data forever. (Processes that all left cleanly were stopped on purpose: others may be joining.)"""
+    for role in ("actor", "reward"):
+        started = [c for c in fleet.children if c is not learner and c.name.rstrip("0123456789") == role]
+        failed = [c for c in started if c.proc.poll() not in (None, 0)]
+        if failed and all(c.proc.poll() is not None for c in started):
+            which = ", ".join(f"{c.name} with {c.proc.returncode}" for c in failed)
+            return (f"every {role} process exited ({which}); the run cannot go on: see {failed[0].log}, "
+                    "fix what it says and start again")
+    return ""
 
 
 def progress_line(r: dict) -> str:
