@@ -392,6 +392,13 @@ class RewardConfig(Section):
     """Stable id of this reward worker (default: host-pid)."""
     workers: int = Field(2, ge=1, le=256)
     """Scoring processes in the pool."""
+    queue_items: int = Field(32, ge=0, le=1_000_000)
+    """Items taken beyond the pool's processes, waiting in its queue, so the next group is already
+    here when a process frees instead of one learner round trip later (the worker's credits are
+    workers + queue_items). A dead worker's queued items go to another like the rest it held."""
+    memo_items: int = Field(100_000, ge=0, le=100_000_000)
+    """Math verdicts remembered (rewards/memo.py): a (response, reference) pair scored once is not
+    scored again while it is among the last this many. 0 = off."""
     math_timeout_s: float = Field(10.0, gt=0)
     """Most seconds one math verification may take (math-verify can hang)."""
     code_timeout_s: float = Field(6.0, gt=0)

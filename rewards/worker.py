@@ -2,9 +2,11 @@
 
 Protocol (DEALER side, `bus.client.Client`):
 1. Hello(role="reward", worker_id, capacity=workers); after every Welcome (first connect,
-   reconnect, learner restart) send Ready(free), free = capacity − items held.
+   reconnect, learner restart) send Ready(free), free = workers + queue_items − items held (the
+   queued items keep the pool busy across the round trip to the learner between requests).
 2. ScoreRequest(request_id, items): every item goes to the pool (`rewards.pool.ScorePool`) at
-   once; when the last one resolves, ScoreResult(request_id, results in item order) goes back,
+   once, unless its verdict is already known or being found (`rewards.memo.ScoreMemo`: math
+   verdicts are a function of response and reference); when the last one resolves, ScoreResult(request_id, results in item order) goes back,
    followed by Ready(free). Ready is absolute ("I can take `free` more now"), matching
    `learner.dispatch.ScoreDispatcher.ready`; a request bigger than `free` is still accepted and simply
    queues in the pool.
@@ -61,6 +63,7 @@ class RewardService:
 
     def __init__(self, cfg: RewardConfig, bus: BusConfig):
         from bus.client import Client
+        from rewards.memo import ScoreMemo
         from rewards.pool import ScorePool
 
         self.cfg = cfg
@@ -70,6 +73,7 @@ class RewardService:
         self._held = 0
         self._held_lock = threading.Lock()
         self.pool = ScorePool(cfg.workers, cfg)
+        self.memo = ScoreMemo(cfg.memo_items)
         self.client = Client(cfg.learner, self._hello, heartbeat_s=bus.heartbeat_s, liveness=bus.liveness,
                              stats=self._stats, curve=_curve(bus), max_message_bytes=bus.max_message_bytes,
                              health_file=bus.health_file)
@@ -81,11 +85,11 @@ class RewardService:
 
     def _stats(self) -> dict[str, float]:
         stats = {k: float(v) for k, v in self.pool.stats.metrics().items()}
-        return {**stats, "reward/held": float(self._held)}
+        return {**stats, **self.memo.metrics(), "reward/held": float(self._held)}
 
     def _free(self) -> int:
         with self._held_lock:
-            return max(0, self.cfg.workers - self._held)
+            return max(0, self.cfg.workers + self.cfg.queue_items - self._held)
 
     def _on_welcome(self, welcome: Welcome) -> None:
         self.log.info("welcome", epoch=welcome.epoch, run_id=welcome.run_id)
@@ -101,7 +105,8 @@ class RewardService:
             self._held += n
         pending = _Pending(req.request_id, [None] * n, n)
         for i, item in enumerate(req.items):
-            self.pool.submit(item).add_done_callback(lambda fut, i=i: self._item_done(pending, i, fut))
+            fut = self.memo.score(item, self.pool.submit)
+            fut.add_done_callback(lambda fut, i=i: self._item_done(pending, i, fut))
 
     def _item_done(self, pending: _Pending, index: int, fut: Future) -> None:
         with pending.lock:

@@ -122,6 +122,8 @@ def fleet():
         workers = {wid: start_worker(learner.server.endpoint, wid) for wid in ("w1", "w2")}
         procs.extend(workers.values())
         learner.wait_for(lambda: set(learner.dispatcher.workers()) == {"w1", "w2"}, 60, "both workers' Ready")
+        # credits: one pool process + the default queue (reward.queue_items)
+        assert learner.dispatcher.workers() == {"w1": 1 + 32, "w2": 1 + 32}
         return learner, workers
 
     yield make
@@ -178,7 +180,9 @@ def test_worker_killed_mid_request_loses_nothing(fleet):
     for k in keys:
         learner.submit(k, unit(k))
     learner.wait_for(lambda: any(wid == "w1" for wid, _ in learner.sent), 10, "a request to w1")
-    time.sleep(0.2)  # w1 is inside its slow code item
+    time.sleep(0.2)  # w1 is inside its slow code item, with more of its requests queued behind it
+    w1_held = [rid for wid, rid in learner.sent if wid == "w1"]
+    assert len(w1_held) >= 2, learner.sent  # credits = 1 process + queue_items: it took a queue
     below = descendants(workers["w1"].pid)
     assert len(below) >= 2  # its forkserver and pool worker at least
     workers["w1"].kill()
