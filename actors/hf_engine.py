@@ -117,7 +117,7 @@ class HFEngine:
         with torch.inference_mode():
             new, logprobs = decode(self.model, x.to(self.device), mask.to(self.device), budget=budget,
                                    temperature=s.temperature, top_p=s.top_p, end_ids=self._end_ids,
-                                   pad_id=self._pad_id, generator=gen, aborted=self._aborted)
+                                   pad_id=self._pad_id, generator=gen, aborted=self._aborted, copies=s.n)
         new, logprobs = new.cpu(), logprobs.cpu()
         cut = [self._cut(new[j].tolist(), logprobs[j].numpy()) for j in range(new.shape[0])]
         texts = decode_texts(self.tokenizer, [ids for ids, _ in cut])
@@ -151,10 +151,12 @@ class HFEngine:
 
 def decode(model: Any, ids: "torch.Tensor", mask: "torch.Tensor", *, budget: int, temperature: float,
            top_p: float, end_ids: Iterable[int], pad_id: int, generator: "torch.Generator",
-           aborted: threading.Event) -> tuple["torch.Tensor", "torch.Tensor"]:
+           aborted: threading.Event, copies: int = 1) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Up to `budget` new tokens for each left-padded row: (tokens, their log-probs), [rows, steps],
     a row's positions after its end token filled with `pad_id` and 0. Raises GenerationAborted when
-    `aborted` is set before a forward."""
+    `aborted` is set before a forward. `copies` > 1: the rows are each prompt `copies` times in a
+    row (`left_padded`), so the prompts are run once and their keys and values repeated for the
+    copies (each copy still draws its own tokens from the same first distribution)."""
     import torch
     from transformers import DynamicCache
 
@@ -169,9 +171,16 @@ def decode(model: Any, ids: "torch.Tensor", mask: "torch.Tensor", *, budget: int
     for t in range(budget):
         if aborted.is_set():
             raise GenerationAborted("the engine was aborted")
-        out = model(input_ids=step_in, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
-        tok, lp = pick(out.logits[:, -1].float(), temperature, top_p, generator)
+        if t == 0 and copies > 1:  # the prompts once, then their cache and logits per copy
+            out = model(input_ids=ids[::copies], attention_mask=mask[::copies], position_ids=positions[::copies],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(copies)
+            logits = out.logits[:, -1].repeat_interleave(copies, dim=0)
+        else:
+            out = model(input_ids=step_in, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1]
+        tok, lp = pick(logits.float(), temperature, top_p, generator)
         tokens[:, t] = torch.where(done, pad_id, tok)
         logprobs[:, t] = torch.where(done, 0.0, lp)
         done |= torch.isin(tok, ends)

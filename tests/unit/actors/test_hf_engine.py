@@ -164,3 +164,22 @@ def test_pick_draws_the_processed_distribution() -> None:
     assert outside_top_p(logits[:1], 0.8).tolist() == [[False, False, False, True, True, True]]
     tok, lp = pick(logits[:2], 0.0, 1.0, gen)  # greedy: argmax, raw log-prob
     assert tok.tolist() == [0, 0] and torch.allclose(lp, torch.log_softmax(logits[:2], -1)[:, 0])
+
+
+def test_prompts_run_once_for_their_copies(engine, prompts) -> None:
+    """`decode(copies=n)` prefills each prompt once and repeats its cache: the same draws, the same
+    log-probs (to float rounding) as running every copy's prompt."""
+    import threading
+
+    from actors.hf_engine import decode, left_padded
+
+    x, mask = left_padded([list(p) for p in prompts], n=4, pad_id=0)
+    runs = []
+    for copies in (1, 4):
+        gen = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            runs.append(decode(engine.model, x, mask, budget=6, temperature=1.0, top_p=1.0, end_ids=[2],
+                               pad_id=0, generator=gen, aborted=threading.Event(), copies=copies))
+    (t1, lp1), (t4, lp4) = runs
+    assert t1.tolist() == t4.tolist() and len({tuple(r) for r in t1.tolist()}) > len(prompts)  # copies differ
+    np.testing.assert_allclose(lp4.numpy(), lp1.numpy(), atol=1e-5)
