@@ -61,9 +61,14 @@ class ShapeProbe(TorchDispatchMode):
 # ---- the pure function --------------------------------------------------------------------
 
 
-def test_head_logprobs_equal_full_logits_float64(monkeypatch):
-    monkeypatch.setattr(L, "CHUNK_BYTES", 4 * 50 * 3)  # 3 rows per chunk: 13 rows -> 5 chunks
-    assert L.head_chunk_rows(50) == 3
+@pytest.mark.parametrize("chunk_bytes", [4 * 50 * 3, 4 * 50 * 13 * 3])
+def test_head_logprobs_equal_full_logits_float64(monkeypatch, chunk_bytes):
+    """3 rows per chunk: 13 rows -> 5 checkpointed chunks; then a budget that holds all 13 rows'
+    kept tensors: one plain pass."""
+    monkeypatch.setattr(L, "CHUNK_BYTES", chunk_bytes)
+    chunked = []
+    real = L._over_chunks
+    monkeypatch.setattr(L, "_over_chunks", lambda *a, **k: chunked.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(13, 8, generator=g, requires_grad=True)
     weight = torch.randn(50, 8, generator=g, requires_grad=True)
@@ -81,6 +86,7 @@ def test_head_logprobs_equal_full_logits_float64(monkeypatch):
     (ref_lp.sum() + 0.3 * ref_H.sum()).backward()
     for got, ref in zip((hidden, weight, bias), refs):
         assert torch.allclose(got.grad.double(), ref.grad, atol=1e-5)
+    assert len(chunked) == (1 if chunk_bytes < 4 * 50 * 13 * L.KEPT_SLABS else 0)
     empty = head_logprobs_and_entropy(hidden[:0], targets[:0], weight, None, 1.0)
     assert [t.shape for t in empty] == [(0,), (0,)]
     with pytest.raises(ValueError):
