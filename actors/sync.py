@@ -29,6 +29,8 @@ from common.config import BusConfig
 from common.log import get_logger
 
 log = get_logger()
+RETRY_PULL_S = 1.0  # after a pull that failed (source down, timeout): the weights in hand stay
+IDLE_S = 0.05  # the pull thread's poll for a newer version wanted
 
 
 @dataclass
@@ -148,13 +150,12 @@ class WeightSync:
         while not self._stop.is_set():
             version = self._wanted()
             if version < 0:
-                self._stop.wait(0.05)
+                self._stop.wait(IDLE_S)
                 continue
             try:
                 store = self._pull(version)
             except Exception as e:  # a failed pull keeps the old weights; try again shortly
-                self._failed(version, e)
-                self._stop.wait(1.0)
+                self._stop.wait(self._failed(version, e))
                 continue
             finally:
                 self._receive(None)
@@ -164,16 +165,18 @@ class WeightSync:
                     self._store = store
                 self._cv.notify_all()
 
-    def _failed(self, version: int, e: Exception) -> None:
-        """Count a failed pull; from the third unanswered one in a row on, say loudly which endpoint
-        failed and which setting fixes it, in the log and (Heartbeat.problem) in `or1 status`. A
-        source that answered "not held" (LookupError: versions came faster than we pulled) was
-        reached: the next try asks for a newer version."""
+    def _failed(self, version: int, e: Exception) -> float:
+        """Count a failed pull and return how long to wait before the next; from the third
+        unanswered one in a row on, say loudly which endpoint failed and which setting fixes it, in
+        the log and (Heartbeat.problem) in `or1 status`. A source that answered "not held"
+        (LookupError: versions came faster than we pulled) was reached: the next try, after the idle
+        poll's IDLE_S, asks for the newest version announced (a full RETRY_PULL_S here cost the
+        embedded run ~1 s each time, the learner idle)."""
         self.stats.failures += 1
         if isinstance(e, LookupError):
             self._failed_in_row, self.problem = 0, ""
             log.info("weights.version_gone", version=version, endpoint=self._endpoint, error=str(e)[:200])
-            return
+            return IDLE_S
         self._failed_in_row += 1
         fix = hint(self._endpoint, self._from_learner) if self._endpoint else "no weight source answered"
         if self._failed_in_row >= 3:
@@ -182,6 +185,7 @@ class WeightSync:
                       failures=self._failed_in_row, fix=fix)
         else:
             log.warning("weights.pull_failed", version=version, endpoint=self._endpoint, error=str(e)[:200])
+        return RETRY_PULL_S
 
     def _source(self, version: int) -> str:
         reply = self.client.request(WeightSource(version=version), timeout=10.0)

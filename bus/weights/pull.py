@@ -214,7 +214,9 @@ def pull(source: "str | Callable[[], str]", version: int, *, window: int = PULL_
     instead (waiting up to `shared_timeout_s`, default 3 × `chunk_timeout_s`, for a relay still
     receiving). `on_partial(partial)` is called once the version's PartialStore exists (its chunks
     can be read as they land: actors/actor.py streams them into the engine). Returns the verified
-    store and `weights/*` metrics."""
+    store and `weights/*` metrics. A source that does not hold the version (its manifest answered
+    "not found": newer versions replaced it) raises LookupError at once, not after `max_retries`:
+    the caller asks for a newer one."""
     next_endpoint: Callable[[], str] = source if callable(source) else (lambda: source)  # type: ignore
     if partial is not None and version not in (-1, partial.version):
         raise ValueError(f"partial holds version {partial.version}, asked for {version}")
@@ -245,6 +247,8 @@ def pull(source: "str | Callable[[], str]", version: int, *, window: int = PULL_
                 _pull_chunks(puller, verifier, window, chunk_timeout_s, on_chunk, stats, bad, max_retries)
                 break
             except (TimeoutError, LookupError, ProtocolError, ValueError, _SourceFailed) as e:
+                if isinstance(e, LookupError) and partial is None:
+                    raise  # the source does not hold the version (newer ones replaced it): asking again won't help
                 stats["weights/retries"] += 1
                 log.warning("weight source failed", endpoint=endpoint, error=str(e)[:200])
                 if stats["weights/retries"] > max_retries:
