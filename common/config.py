@@ -290,6 +290,11 @@ class LearnerConfig(Section):
     """eta: most optimizer steps between the weights that generated a group and the step that trains it."""
     lease_groups: int = Field(4, ge=1)
     """Most groups in one lease."""
+    admission_retry_s: float = Field(0.2, gt=0, le=60)
+    """How long an actor the staleness bound turns away (Wait(admission)) waits before asking again.
+    A slot frees when a step ends: shorter gets the next groups going sooner, at the price of
+    generating them with older weights (more groups at the staleness bound). The embedded addition
+    task, whose steps take ~0.1 s, uses 0.02 (docs/training.md, "Against TRL")."""
     fill_batch: bool = True
     """True (Skywork-OR1's rejection sampling): a step waits for prompts_per_batch useful groups,
     those whose rewards differ. False: a step comes every prompts_per_batch scored groups and

@@ -67,7 +67,7 @@ from learner.staleness import check_eta, fresh_enough, last_trainable, min_weigh
 from common.data import data_sources
 from learner.mixture import make_order
 
-RETRY_ADMISSION_S = 0.02  # a slot frees when a group is scored or a step ends: soon
+RETRY_ADMISSION_S = 0.2  # default of learner.admission_retry_s: a slot frees when a step ends
 RETRY_WEIGHTS_S = 0.0  # pull, then ask again at once
 RETRY_NO_DATA_S = 1.0
 RETRY_DONE_S = 5.0
@@ -154,6 +154,7 @@ class Scheduler:
         on_event: Callable[[dict], None] | None = None,
         source_weights: dict[str, float] | None = None,
         vocab_size: int = 0,
+        admission_retry_s: float = RETRY_ADMISSION_S,
     ):
         if not stages:
             raise ValueError("at least one stage is needed")
@@ -165,6 +166,7 @@ class Scheduler:
         self.eta = check_eta(max_staleness)
         self.lease_groups, self.lease_timeout_s, self.seed = lease_groups, lease_timeout_s, seed
         self.zero_truncated_reward = zero_truncated_reward
+        self.admission_retry_s = admission_retry_s
         self._on_event = on_event or (lambda e: None)
         # one data set: DatasetOrder; several sources with weights: learner/mixture.py
         self._order = make_order({p.prompt_id: p.source for p in prompts}, source_weights, seed)
@@ -190,6 +192,7 @@ class Scheduler:
             lease_groups=cfg.lease_groups, lease_timeout_s=cfg.lease_timeout_s, seed=cfg.data.seed,
             zero_truncated_reward=cfg.loss.zero_truncated_reward, keep_zero_advantage=cfg.loss.keep_zero_advantage,
             fill_batch=cfg.fill_batch, on_event=on_event, vocab_size=vocab_size,
+            admission_retry_s=cfg.admission_retry_s,
             source_weights={s.name: s.weight for s in data_sources(cfg.data)},
         )
 
@@ -266,7 +269,7 @@ class Scheduler:
         load = self.admission_load()
         room = self.admission_cap() - load
         if room <= 0:
-            return Wait(WAIT_ADMISSION, RETRY_ADMISSION_S, min_version)
+            return Wait(WAIT_ADMISSION, self.admission_retry_s, min_version)
         # Groups leased now are trained, in order, in this stage's batch ceil((load + j) / B) - 1, at
         # version t = stage_v0 + that; they must come from weights >= min_weights(t) or be dropped as
         # stale at consumption. So an actor holding w may take only what will train by last_trainable(w):

@@ -86,8 +86,10 @@ def test_lease_fields_and_sizes():
     # room: (0 + 1 + 1)·3 = 6 groups; 5 are out, so the next lease gets 1 although 4 were asked
     assert len(s.grant("c", 4, 0, 100.0).prompts) == 1
     w = s.grant("c", 4, 0, 100.0)
-    assert isinstance(w, Wait) and w.reason == WAIT_ADMISSION
+    assert isinstance(w, Wait) and w.reason == WAIT_ADMISSION and w.retry_after_s == 0.2
     assert s.admission_load() == 6 == s.admission_cap()
+    s.admission_retry_s = 0.02  # learner.admission_retry_s (the embedded config's)
+    assert s.grant("c", 4, 0, 100.0).retry_after_s == 0.02
     with pytest.raises(ValueError):
         s.grant("a", 0, 0, 100.0)
 
