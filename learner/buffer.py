@@ -110,7 +110,8 @@ class GroupBuffer:
         self.keep_zero_advantage = keep_zero_advantage
         self.fill = fill  # False: a batch is the next B scored groups' useful ones (module doc, 2.)
         self._groups: list[ScoredGroup] = []
-        self._slots: deque[ScoredGroup | None] = deque()  # scoring order, when not `fill`
+        # when not `fill`: (weights, group or None for a dropped one), oldest weights first, then scoring order
+        self._slots: deque[tuple[int, ScoredGroup | None]] = deque()
         self._counts: Counter[str] = Counter()
         self._rewards: list[float] = []
 
@@ -139,13 +140,21 @@ class GroupBuffer:
             self._hold(group)
             return KEPT_ZERO_ADV
         if not self.fill:
-            self._slots.append(None)
+            self._slot(group.weight_version, None)
         return kind
 
     def _hold(self, group: ScoredGroup) -> None:
         self._groups.append(group)
         if not self.fill:
-            self._slots.append(group)
+            self._slot(group.weight_version, group)
+
+    def _slot(self, weights: int, group: ScoredGroup | None) -> None:
+        """A scored group's slot, after every slot of weights <= its own: a group generated earlier
+        but scored later (scoring can finish out of order) is consumed before newer ones."""
+        at = len(self._slots)
+        while at and self._slots[at - 1][0] > weights:
+            at -= 1
+        self._slots.insert(at, (weights, group))
 
     def drain(self) -> list[ScoredGroup]:
         """Remove and return every held group (the run ended)."""
@@ -159,7 +168,7 @@ class GroupBuffer:
         if stale:
             self._groups = [g for g in self._groups if admissible(version, g.weight_version, eta)]
             gone = {id(g) for g in stale}  # their slots go too: requeued, they leave the admission load
-            self._slots = deque(x for x in self._slots if x is None or id(x) not in gone)
+            self._slots = deque(x for x in self._slots if x[1] is None or id(x[1]) not in gone)
             self._counts["staleness/dropped"] += len(stale)
         return stale
 
@@ -172,6 +181,17 @@ class GroupBuffer:
         batch = self._take_filled(k) if self.fill else self._take_scored(k)
         return (batch, self._metrics(batch, version, eta)) if batch else ([], {})
 
+    def newest_in_next(self, k: int) -> int | None:
+        """The newest weights among the groups `take(k)` would hand out now (None: no batch yet)."""
+        if k <= 0:
+            return None
+        if self.fill:
+            if len(self._groups) < k:
+                return None
+            return sorted(g.weight_version for g in self._groups)[k - 1]
+        useful = [g.weight_version for _, g in list(self._slots)[:k] if g is not None]
+        return max(useful) if len(self._slots) >= k and useful else None
+
     def _take_filled(self, k: int) -> list[ScoredGroup]:
         if len(self._groups) < k:
             return []
@@ -183,7 +203,7 @@ class GroupBuffer:
 
     def _take_scored(self, k: int) -> list[ScoredGroup]:
         while len(self._slots) >= k:
-            batch = [g for g in (self._slots.popleft() for _ in range(k)) if g is not None]
+            batch = [g for _, g in (self._slots.popleft() for _ in range(k)) if g is not None]
             if batch:  # else k slots with nothing to learn from: discarded, no step
                 taken = {id(g) for g in batch}
                 self._groups = [g for g in self._groups if id(g) not in taken]

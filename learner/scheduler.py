@@ -465,12 +465,25 @@ class Scheduler:
         for g in self._buffer.purge_stale(self.version, self.eta):
             self._end(g.lease_id, g.prompt_id, g.group_id, END_STALE, "", requeue=True,
                       weight_version=g.weight_version, staleness=staleness(self.version, g.weight_version))
+        last = self._last_chance_scoring()
+        if last is not None and (self._buffer.newest_in_next(self.batch_size) or -1) > last:
+            return None  # a group this step alone may still train is being scored: it goes first
         groups, metrics = self._buffer.take(self.batch_size, self.version, self.eta)
         if not groups:
             return None
         self._training = groups
         self._training_slots = len(groups) if self._buffer.fill else self.batch_size
         return Batch(self.version, groups, metrics)
+
+    def _last_chance_scoring(self) -> int | None:
+        """The oldest weights among groups still being scored that only this step may train
+        (v - w = eta: next step they would be stale), or None. take_batch waits for them rather
+        than train newer groups in their place: scoring finishes out of order (the reward worker's
+        queue, verdicts it already knew) and is the learner's own short stage (a dead worker's
+        requests go to another), so the wait is brief, and the group is not dropped and generated
+        again."""
+        last = [g.weight_version for _, _, g in self._scoring.values() if self.version - g.weight_version >= self.eta]
+        return min(last) if last else None
 
     def on_step(self) -> dict[str, float]:
         """The batch from take_batch() was trained: END trained, v += 1, maybe the next stage."""

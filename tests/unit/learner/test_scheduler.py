@@ -431,3 +431,40 @@ def test_keep_zero_advantage_from_config_trains_all_wrong_groups():
     s = Scheduler.from_config(prompts(4), cfg, epoch=0)
     assert fulfil(s, s.grant("a", 2, 0, 0.0), 0, [0, 0]) == ["all_wrong", "all_wrong"]
     assert s.take_batch() is None
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_a_group_scored_late_is_waited_for_on_its_last_step_and_trained(fill):
+    """Scoring can finish out of order (the reward worker's queue, verdicts it already knew). A group
+    whose last admissible step is now (v - w = eta) and which is still being scored goes into this
+    batch ahead of newer groups: take_batch waits for it instead of leaving it to turn stale."""
+    s = make(n_prompts=10, stages=[stage(B=2, n=2)], eta=1, lease_groups=2)
+    s._buffer.fill = fill
+    late = s.grant("a", 2, 0, 0.0)
+    late_ids = [x.group_id for x in s.submit("a", late.lease_id, late.epoch,
+                                             [grp(p.prompt_id, 2, 0) for p in late.prompts], 0.0).accepted]
+    fulfil(s, s.grant("b", 2, 0, 0.0), 0, [1, 0], actor="b")
+    first = s.take_batch()  # v = 0: the late groups (w = 0) may still train at v = 1
+    assert first is not None and not {g.group_id for g in first.groups} & set(late_ids)
+    s.on_step()
+    fulfil(s, s.grant("b", 2, 1, 0.0), 1, [1, 0], actor="b")  # two newer groups (w = 1) are ready
+    assert s.take_batch() is None  # v = 1: the late groups' last step, and they are still scoring
+    for gid in late_ids:
+        s.scored(gid, [1, 0])
+    batch = s.take_batch()
+    assert sorted(g.group_id for g in batch.groups) == sorted(late_ids)
+    assert batch.metrics["staleness/dropped"] == 0 and batch.metrics["staleness/max"] == 1
+
+
+def test_slots_keep_older_weights_first_when_scoring_ends_out_of_order():
+    from learner.buffer import GroupBuffer, ScoredGroup
+
+    def sg(gid, w):
+        return ScoredGroup(gid, gid, f"p{gid}", np.array([1], np.int32), w, [], np.array([1.0, 0.0], np.float32))
+
+    buf = GroupBuffer(fill=False)
+    for gid, w in ((1, 2), (2, 3), (3, 1), (4, 2)):
+        buf.add(sg(gid, w))
+    assert buf.newest_in_next(2) == 2
+    groups, _ = buf.take(2, 3, 2)
+    assert [g.group_id for g in groups] == [3, 1]  # weights 1, then 2 in scoring order
