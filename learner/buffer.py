@@ -311,11 +311,7 @@ def build_micro_batch(samples: list[TrainSample], pad_id: int = 0, mask_truncate
     """Right-pad `samples` to their longest length (an empty list gives b = 0, L = 0)."""
     width = max((s.length for s in samples), default=0)
     shape = (len(samples), width)
-    ids = np.full(shape, pad_id, dtype=np.int64)
-    attn = np.zeros(shape, dtype=np.int64)
-    mask = np.zeros(shape, dtype=np.float32)
-    mu = np.zeros(shape, dtype=np.float32)
-    adv = np.zeros(shape, dtype=np.float32)
+    ids, attn, mask, mu, adv = _row_arrays(shape, pad_id)
     for i, s in enumerate(samples):
         p, n = len(s.prompt_ids), s.length
         ids[i, :p] = s.prompt_ids
@@ -327,6 +323,12 @@ def build_micro_batch(samples: list[TrainSample], pad_id: int = 0, mask_truncate
             mask[i, p:n] = 1.0
     mask[:, :1] = 0.0  # an empty prompt would put a response token at 0, which nothing predicts
     return MicroBatch(ids, attn, mask, mu, adv, int(mask.sum()))
+
+
+def _row_arrays(shape: tuple[int, int], pad_id: int) -> tuple[np.ndarray, ...]:
+    """A micro-batch's per-row arrays, empty: ids (pad_id), attention mask, loss mask, mu, advantages."""
+    return (np.full(shape, pad_id, dtype=np.int64), np.zeros(shape, dtype=np.int64),
+            np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32))
 
 
 def build_shared_micro_batch(units: list[list[TrainSample]], pad_id: int = 0,
@@ -351,11 +353,7 @@ def build_shared_micro_batch(units: list[list[TrainSample]], pad_id: int = 0,
             prompt_ids[g, p_width - p:] = u[0].prompt_ids
             prompt_mask[g, p_width - p:] = 1
     shape = (len(rows), r_width)
-    ids = np.full(shape, pad_id, dtype=np.int64)
-    attn = np.zeros(shape, dtype=np.int64)
-    mask = np.zeros(shape, dtype=np.float32)
-    mu = np.zeros(shape, dtype=np.float32)
-    adv = np.zeros(shape, dtype=np.float32)
+    ids, attn, mask, mu, adv = _row_arrays(shape, pad_id)
     for i, s in enumerate(rows):
         n = len(s.response_ids)
         ids[i, :n], attn[i, :n], mu[i, :n], adv[i, :n] = s.response_ids, 1, s.behaviour_logprobs, s.advantage
@@ -383,7 +381,7 @@ def make_micro_batches(
     if token_budget < 1 or n_ranks < 1:
         raise ValueError(f"token_budget and n_ranks must be >= 1, got {token_budget}, {n_ranks}")
     plan = _plan([[s] for s in samples], token_budget, n_ranks, shared=False)
-    if share_prompts:
+    if share_prompts and all(len(s.prompt_ids) for s in samples):  # (a prompt-less row has nothing to share)
         shared = _plan(_prompt_units(samples, token_budget), token_budget, n_ranks, shared=True)
         plan = shared if shared.positions < plan.positions else plan
 

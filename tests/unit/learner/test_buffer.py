@@ -279,3 +279,6 @@ def test_shared_prompts_only_when_they_compute_fewer_positions():
     _, mf = make_micro_batches(samples, token_budget=1200, n_ranks=1)
     assert m["learner/shared_prompts"] == 0 and not any(mb.shared for mb in shared[0])
     assert m["learner/positions"] == mf["learner/positions"]
+    _, m = make_micro_batches([gs("a", 4, 2), gs("a", 4, 2), gs("b", 0, 2)], token_budget=100, n_ranks=1,
+                              share_prompts=True)
+    assert m["learner/shared_prompts"] == 0  # a prompt-less row: the trainer needs >= 1 prompt token
