@@ -13,11 +13,16 @@ One daemon thread owns the ROUTER socket and runs this loop:
    unknown identity → ``Error(hello_first)``, which tells a client the server restarted. From a
    known peer: every message refreshes ``last_seen``; Heartbeat is answered by
    ``heartbeat_reply(peer)``; Bye removes the peer and fires ``on_dead``; any other type goes to its
-   handler, whose returned message is sent back with the request's rid. A handler exception is
-   logged and answered ``Error(internal)``; nothing a peer sends can stop the loop;
+   handler, whose returned message is sent back with the request's rid. A handler registered
+   ``deferrable`` also gets a ``ReplyTo`` and may return None to answer later, from any thread, with
+   ``answer(reply_to, msg)`` (a long poll: the learner holds a lease request the staleness bound
+   turns away until a slot frees). A handler exception is logged and answered ``Error(internal)``;
+   nothing a peer sends can stop the loop;
 3. outbox: ``send(worker_id, msg)`` from any thread encodes in the caller, pushes
    ``[worker_id, *frames]`` to the inproc PUSH (under a lock) and the loop routes it;
-4. liveness: a peer silent for ``liveness × heartbeat_s`` is removed and ``on_dead`` fires. Time the
+4. ticks: ``on_tick(fn)`` runs ``fn`` on this thread about every ``TICK_S`` (deadlines of
+   deferred answers);
+5. liveness: a peer silent for ``liveness × heartbeat_s`` is removed and ``on_dead`` fires. Time the
    loop itself was not listening does not count as the peers' silence: when one iteration overruns
    (a slow handler, the process starved of CPU or the GIL), every peer's ``last_seen`` is moved on
    by the overrun before the check, since their heartbeats are waiting, unread, in the socket. A
@@ -80,7 +85,16 @@ class Peer:
     problem: str = ""  # the last Heartbeat.problem
 
 
+@dataclass(frozen=True)
+class ReplyTo:
+    """Whom a deferred answer goes to: the peer and its request's rid (`Server.answer`)."""
+    worker_id: str
+    rid: int
+
+
 Handler = Callable[[Peer, Message], "Message | None"]
+DeferrableHandler = Callable[[Peer, Message, ReplyTo], "Message | None"]
+TICK_S = 0.05  # the period of `on_tick` callbacks: deferred answers keep deadlines this fine
 
 
 # Frames under this are copied even when sent with copy=False: a zero-copy frame costs a message to
@@ -230,6 +244,8 @@ class Server:
         self.endpoint = bind_or_release(self._sock, endpoint, self._ctx, self._auth)
         self._outbox = Outbox(self._ctx, name)
         self._handlers: dict[str, Handler] = {}
+        self._deferrable: set[str] = set()
+        self._on_tick: Callable[[], None] | None = None
         self._on_hello: Callable[[Peer], Message] | None = None
         self._on_dead: Callable[[Peer], None] | None = None
         self._hb_reply: Callable[[Peer], Heartbeat] | None = None
@@ -241,8 +257,16 @@ class Server:
 
     # --- registration (before start) ---------------------------------------------------------
 
-    def on(self, msg_type: type[Message], handler: Handler) -> None:
+    def on(self, msg_type: type[Message], handler: Handler | DeferrableHandler, *, deferrable: bool = False) -> None:
+        """Route `msg_type` to `handler`; a `deferrable` one is called with a third argument, the
+        request's ReplyTo, and may return None to `answer` it later."""
         self._handlers[msg_type.TYPE] = handler
+        self._deferrable.discard(msg_type.TYPE)
+        if deferrable:
+            self._deferrable.add(msg_type.TYPE)
+
+    def on_tick(self, fn: Callable[[], None]) -> None:
+        self._on_tick = fn
 
     def on_hello(self, fn: Callable[[Peer], Message]) -> None:
         self._on_hello = fn
@@ -261,6 +285,15 @@ class Server:
             if worker_id not in self._by_worker:
                 return False
         self._outbox.put([worker_id.encode(), *encode(msg)])
+        return True
+
+    def answer(self, to: ReplyTo, msg: Message) -> bool:
+        """Answer a deferred request from any thread; False if that peer is gone (a peer that
+        reconnected since finds no waiter for the rid and drops it)."""
+        with self._lock:
+            if to.worker_id not in self._by_worker:
+                return False
+        self._outbox.put([to.worker_id.encode(), *encode(msg, to.rid)])
         return True
 
     def peers(self) -> list[Peer]:
@@ -290,9 +323,10 @@ class Server:
         poller.register(self._outbox.pull, zmq.POLLIN)
         check_every = min(self.heartbeat_s * self.liveness / 10, 0.25)
         next_check = time.monotonic() + check_every
+        next_tick = time.monotonic() + TICK_S if self._on_tick is not None else float("inf")
         try:
             while not self._stop.is_set():
-                timeout_s = min(max(0.0, next_check - time.monotonic()), 0.1)
+                timeout_s = min(max(0.0, min(next_check, next_tick) - time.monotonic()), 0.1)
                 t0 = time.monotonic()
                 events = dict(poller.poll(timeout_s * 1000))
                 t1 = time.monotonic()
@@ -304,6 +338,9 @@ class Server:
                 overrun = max(0.0, t1 - t0 - timeout_s) + time.monotonic() - t1
                 if overrun > check_every:
                     self._excuse(overrun)
+                if time.monotonic() >= next_tick:
+                    self._tick()
+                    next_tick = time.monotonic() + TICK_S
                 if time.monotonic() >= next_check:
                     self._reap(time.monotonic())
                     next_check = time.monotonic() + check_every
@@ -312,6 +349,13 @@ class Server:
         finally:
             self._sock.close(0)
 
+
+    def _tick(self) -> None:
+        try:
+            self._on_tick()
+        except Exception:  # noqa: BLE001 — a callback bug must not kill the loop
+            self.metrics["bus/handler_errors"] += 1
+            log.exception("tick failed", server=self.name)
 
     def _route(self, frames: list[zmq.Frame]) -> None:
         worker_id = frames[0].bytes.decode()
@@ -373,8 +417,11 @@ class Server:
             log.warning("peer sent error", server=self.name, worker_id=peer.worker_id, code=msg.code)
         elif (handler := self._handlers.get(msg.TYPE)) is None:
             self._reply(identity, Error(ERR_NOT_FOUND, f"no handler for {msg.TYPE}"), rid)
-        elif (out := handler(peer, msg)) is not None:
-            self._reply(identity, out, rid)
+        else:
+            out = (handler(peer, msg, ReplyTo(peer.worker_id, rid)) if msg.TYPE in self._deferrable
+                   else handler(peer, msg))
+            if out is not None:
+                self._reply(identity, out, rid)
 
     def _hello(self, identity: bytes, hello: Hello, rid: int, address: str = "", key: str = "") -> None:
         if hello.role not in ROLES or not hello.worker_id:

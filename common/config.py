@@ -291,10 +291,12 @@ class LearnerConfig(Section):
     lease_groups: int = Field(4, ge=1)
     """Most groups in one lease."""
     admission_retry_s: float = Field(0.2, gt=0, le=60)
-    """How long an actor the staleness bound turns away (Wait(admission)) waits before asking again.
-    A slot frees when a step ends: shorter gets the next groups going sooner, at the price of
-    generating them with older weights (more groups at the staleness bound). The embedded addition
-    task, whose steps take ~0.1 s, uses 0.02 (docs/training.md, "Against TRL")."""
+    """The longest the learner holds a lease request the staleness bound turns away: it is answered
+    as soon as a slot may have freed (a step ended, a group was filtered or requeued), or after this
+    long with Wait(admission, retry 0), so the actor asks again at once (learner/service.py).
+    Longer means fewer round trips from idle actors; shorter, an actor that looks at its stop flag
+    sooner. A Wait(admission) that reaches an actor by other means (an in-process caller) carries
+    this as its retry delay."""
     fill_batch: bool = True
     """True (Skywork-OR1's rejection sampling): a step waits for prompts_per_batch useful groups,
     those whose rewards differ. False: a step comes every prompts_per_batch scored groups and

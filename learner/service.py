@@ -3,7 +3,8 @@
 Handlers run on the control server's thread; the training loop runs on the main thread. Both
 touch the scheduler only under `self.lock`; the loop waits on `self.ready` for a batch.
 
-    actor   Hello → Welcome;  LeaseRequest → Lease | Wait;  Submit → SubmitAck;  Release
+    actor   Hello → Welcome;  LeaseRequest → Lease | Wait (held while the bound admits nothing);
+            Submit → SubmitAck;  Release
             WeightSource → where to pull (learner or a relay peer, ≤ relay_fanout children each)
     reward  Hello → Welcome;  Ready(credits);  ScoreRequest ← ;  ScoreResult
     admin   Status → StatusReply;  Set(max_staleness) → SetReply
@@ -11,6 +12,15 @@ touch the scheduler only under `self.lock`; the loop waits on `self.ready` for a
 
 Submitted groups are scored as one ScoreRequest per group (its n responses) and enter the
 scheduler's buffer with their rewards; every scheduler event goes to the ledger.
+
+A lease request the staleness bound turns away (Wait(admission)) is not answered at once: it is
+parked (a long poll, one per actor) and granted again whenever something may have opened a slot —
+a step ended, a handler changed the scheduler (a group filtered or requeued, a lease released,
+η raised), a batch dropped stale groups — and answered with the first reply that is not
+Wait(admission), or with Wait(admission, retry 0) once `learner.admission_retry_s` has passed (the
+actor asks again at once, and meanwhile looks at its stop flag). So an idle actor starts on the
+next batch the moment the step that frees it ends, instead of after its next poll
+(docs/staleness.md#admission).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,11 +37,12 @@ from bus.address import fill_peer_host
 from bus.auth import key_role
 from learner.dispatch import ScoreDispatcher
 from bus.messages import (
-    ERR_BAD_VALUE, ERR_FORBIDDEN, ERR_NOT_FOUND, FINISH_LENGTH, ROLE_ACTOR, ROLE_ADMIN, ROLE_REWARD, WAIT_DONE, Error,
+    ERR_BAD_VALUE, ERR_FORBIDDEN, ERR_NOT_FOUND, FINISH_LENGTH, ROLE_ACTOR, ROLE_ADMIN, ROLE_REWARD, WAIT_ADMISSION,
+    WAIT_DONE, Error,
     Heartbeat, LeaseRequest, Message, PeerInfo, Ready, Release, ScoreItem, ScoreOut, ScoreResult, Set, SetReply, Status,
     StatusReply, Submit, SubmitAck, Wait, WeightSource, Welcome,
 )
-from bus.server import Peer, Server
+from bus.server import Peer, ReplyTo, Server
 from common.config import Config
 from common.log import get_logger
 from learner.reward_stats import RewardBreakdown
@@ -53,6 +65,14 @@ class Ledger:
 
     def close(self) -> None:
         self._f.close()
+
+
+@dataclass
+class Parked:
+    """An actor's lease request held until a slot may be free (or `until`, monotonic seconds)."""
+    request: LeaseRequest
+    reply_to: ReplyTo
+    until: float
 
 
 def relay_endpoint(peer: Peer) -> str:
@@ -79,6 +99,7 @@ class LearnerService:
         self.dispatcher = ScoreDispatcher(self._send, self._on_scores, on_failed=self._on_unscored,
                                           on_drop=self._on_reward_dropped, timeout_s=cfg.learner.score_timeout_s)
         self._scoring: dict[int, Accepted] = {}
+        self._parked: dict[str, Parked] = {}  # worker_id → its held lease request, oldest first
         self._window = {"len": 0.0, "trunc": 0.0, "samples": 0.0}
         self.breakdown = RewardBreakdown(cfg.learner.loss.zero_truncated_reward)  # reward/<kind|source>/*
 
@@ -89,16 +110,24 @@ class LearnerService:
         server.on_hello(self.hello)
         server.on_dead(self.dead)
         server.heartbeat_reply(self.heartbeat)
-        for msg_type, fn in ((LeaseRequest, self.lease), (Submit, self.submit), (Release, self.release),
-                             (Ready, self.ready_msg), (ScoreResult, self.score_result), (Status, self.status),
-                             (Set, self.set), (WeightSource, self.weight_source)):
+        server.on_tick(self.tick)
+        server.on(LeaseRequest, self._guarded_lease, deferrable=True)
+        for msg_type, fn in ((Submit, self.submit), (Release, self.release), (Ready, self.ready_msg),
+                             (ScoreResult, self.score_result), (Status, self.status), (Set, self.set),
+                             (WeightSource, self.weight_source)):
             server.on(msg_type, self._guard(fn))
 
     def _guard(self, fn: Callable[[Peer, Any], Message | None]) -> Callable[[Peer, Any], Message | None]:
         def handler(peer: Peer, msg: Any) -> Message | None:
             with self.lock:
-                return fn(peer, msg)
+                out = fn(peer, msg)
+                self._serve_parked()  # the handler may have freed a slot (a filtered group, a release, η)
+                return out
         return handler
+
+    def _guarded_lease(self, peer: Peer, msg: LeaseRequest, reply_to: ReplyTo) -> Message | None:
+        with self.lock:
+            return self.lease(peer, msg, reply_to)
 
     def _send(self, worker_id: str, msg: Message) -> bool:
         return self.server is not None and self.server.send(worker_id, msg)
@@ -144,22 +173,53 @@ class LearnerService:
         with self.lock:
             now = self.clock()
             if peer.role == ROLE_ACTOR:
+                self._parked.pop(peer.worker_id, None)
                 n = self.scheduler.actor_dead(peer.worker_id)
                 self.sources.dead(peer.worker_id)
                 log.warning("actor.gone", peer=peer.worker_id, requeued=n)
             elif peer.role == ROLE_REWARD:
                 n = self.dispatcher.worker_dead(peer.worker_id, now)
                 log.warning("reward.gone", peer=peer.worker_id, reassigned=n)
+            self._serve_parked()  # its requeued groups left the admission count
             self.ready.notify_all()
 
     # --- actors -------------------------------------------------------------------------------
 
-    def lease(self, peer: Peer, msg: LeaseRequest) -> Message:
+    def lease(self, peer: Peer, msg: LeaseRequest, reply_to: ReplyTo | None = None) -> Message | None:
+        """A Lease or why not; with `reply_to` (the bus handler), a Wait(admission) is parked instead
+        and answered later (`_serve_parked`): None."""
+        out = self._grant(peer.worker_id, msg)
+        if reply_to is not None and self.server is not None and _turned_away(out):
+            self._parked.pop(peer.worker_id, None)  # a re-ask replaces its old request (a reconnect's)
+            self._parked[peer.worker_id] = Parked(msg, reply_to, self.clock() + self.scheduler.admission_retry_s)
+            return None
+        return out
+
+    def _grant(self, worker_id: str, msg: LeaseRequest) -> Message:
         if self.finished:
             return Wait(reason=WAIT_DONE, retry_after_s=5.0)
         now = self.clock()
         self.scheduler.expire(now)
-        return self.scheduler.grant(peer.worker_id, max(1, msg.max_groups), msg.weight_version, now)
+        return self.scheduler.grant(worker_id, max(1, msg.max_groups), msg.weight_version, now)
+
+    def _serve_parked(self) -> None:
+        """Grant every parked request again, oldest first (under the lock); answer each one whose
+        reply is no longer Wait(admission), or whose wait is over."""
+        for worker_id, parked in list(self._parked.items()):
+            out = self._grant(worker_id, parked.request)
+            if _turned_away(out):
+                if self.clock() < parked.until:
+                    continue
+                out = replace(out, retry_after_s=0.0)  # ask again at once (and be parked again)
+            del self._parked[worker_id]
+            if self.server is not None:
+                self.server.answer(parked.reply_to, out)
+
+    def tick(self) -> None:
+        """The control server's timer: parked requests whose wait is over are answered."""
+        if self._parked:
+            with self.lock:
+                self._serve_parked()
 
     def submit(self, peer: Peer, msg: Submit) -> SubmitAck:
         now = self.clock()
@@ -280,6 +340,7 @@ class LearnerService:
                 self.scheduler.expire(now)
                 self.dispatcher.tick(now)
                 batch = self.scheduler.take_batch()
+                self._serve_parked()  # stale groups it dropped left the admission count
                 if batch is not None:
                     w = self._window
                     batch.metrics["reward/response_len"] = w["len"] / w["samples"] if w["samples"] else 0.0
@@ -297,6 +358,7 @@ class LearnerService:
         with self.lock:
             self.published_version = version
             m = self.scheduler.on_step()
+            self._serve_parked()  # the step freed a batch of slots: parked actors start on it now
             self.ready.notify_all()
             return m
 
@@ -318,6 +380,7 @@ class LearnerService:
         """The run is over: actors hear Wait(done) at their next lease request, reward workers at once."""
         with self.lock:
             self.finished = True
+            self._serve_parked()  # every parked actor hears Wait(done) now
         for p in self.server.peers() if self.server else []:
             if p.role == ROLE_REWARD:
                 self._send(p.worker_id, Wait(reason=WAIT_DONE, retry_after_s=5.0))
@@ -337,3 +400,7 @@ class LearnerService:
             if not any(p.role in (ROLE_ACTOR, ROLE_REWARD) for p in (self.server.peers() if self.server else [])):
                 return
             stop.wait(0.1)
+
+
+def _turned_away(reply: Message) -> bool:
+    return isinstance(reply, Wait) and reply.reason == WAIT_ADMISSION

@@ -1,6 +1,7 @@
 """actors/sync.py `WeightSync` against a real `WeightServer`: a version the source no longer holds
 is followed at once by a pull of the newer one (no back-off: the source answered)."""
 
+import threading
 import time
 from types import SimpleNamespace
 
@@ -46,6 +47,29 @@ def test_a_version_gone_is_followed_at_once_by_the_newer_one():
         assert got is not None and got.manifest.version == 2
         assert time.monotonic() - t0 < RETRY_PULL_S / 2, "waited as after a failure"
         assert sync.stats.failures >= 1 and sync.problem == ""
+    finally:
+        sync.stop()
+        server.close()
+
+
+def test_want_wakes_the_idle_pull_thread_at_once():
+    """The learner answers Wait(weights) the moment it publishes: the pull starts then, not at the
+    idle poll's next look (an actor waited ~25 ms a step on the embedded run for it)."""
+    from actors.sync import IDLE_S
+
+    server = WeightServer("tcp://127.0.0.1:0", keep_versions=1)
+    client = Client(server.endpoint)
+    sync = WeightSync(client, BusConfig())
+    sync._wake.wait = lambda timeout=None: threading.Event.wait(sync._wake, 100 * IDLE_S)  # an idle poll of 5 s
+    try:
+        sync.start()
+        time.sleep(0.2)  # idle: nothing wanted
+        server.publish(store(3))
+        t0 = time.monotonic()
+        sync.want(3)
+        got = sync.wait_for(3, timeout=10.0)
+        assert got is not None and got.manifest.version == 3
+        assert time.monotonic() - t0 < 2.0, "the pull waited for the idle poll"
     finally:
         sync.stop()
         server.close()

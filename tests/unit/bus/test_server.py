@@ -282,3 +282,39 @@ def test_stop_without_start_releases_the_port() -> None:
     srv.stop()
     again = Server(endpoint)
     again.stop()
+
+
+def test_a_deferrable_handler_answers_later_with_the_request_rid(server: Server, peer: RawPeer) -> None:
+    """A long poll: the handler keeps the ReplyTo and answers from another thread; other requests
+    are served meanwhile, and an answer to a peer that left is refused."""
+    held: list = []
+    server.on(M.Ready, lambda p, m, to: held.append(to), deferrable=True)
+    server.on(M.Release, lambda p, m: M.SubmitAck(lease_id=2, accepted=1))
+    server.start()
+    peer.hello("w3")
+    peer.send(M.Ready(credits=1), rid=41)
+    assert not peer.sock.poll(200)  # nothing yet
+    assert peer.ask(M.Release(lease_ids=[1]), rid=42) == M.SubmitAck(lease_id=2, accepted=1)
+    (to,) = held
+    assert (to.worker_id, to.rid) == ("w3", 41)
+    threading.Thread(target=server.answer, args=(to, M.SubmitAck(lease_id=7, accepted=0))).start()
+    assert peer.recv() == (M.SubmitAck(lease_id=7, accepted=0), 41)
+    peer.send(M.Bye(reason="done"))
+    time.sleep(0.2)
+    assert server.answer(to, M.SubmitAck(lease_id=8, accepted=0)) is False
+
+
+def test_on_tick_runs_on_the_server_thread_and_survives_a_failure(server: Server) -> None:
+    ticks: list[str] = []
+
+    def tick() -> None:
+        ticks.append(threading.current_thread().name)
+        if len(ticks) == 1:
+            raise RuntimeError("a bug in the callback")
+
+    server.on_tick(tick)
+    server.start()
+    time.sleep(0.5)
+    assert len(ticks) >= 3, "ticks stopped after a failing one"
+    assert set(ticks) == {"bus-control"}
+    assert server.metrics["bus/handler_errors"] == 1

@@ -88,7 +88,7 @@ def test_lease_fields_and_sizes():
     w = s.grant("c", 4, 0, 100.0)
     assert isinstance(w, Wait) and w.reason == WAIT_ADMISSION and w.retry_after_s == 0.2
     assert s.admission_load() == 6 == s.admission_cap()
-    s.admission_retry_s = 0.02  # learner.admission_retry_s (the embedded config's)
+    s.admission_retry_s = 0.02  # learner.admission_retry_s
     assert s.grant("c", 4, 0, 100.0).retry_after_s == 0.02
     with pytest.raises(ValueError):
         s.grant("a", 0, 0, 100.0)
