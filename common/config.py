@@ -293,7 +293,8 @@ class LearnerConfig(Section):
     admission_retry_s: float = Field(0.2, gt=0, le=60)
     """The longest the learner holds a lease request the staleness bound turns away: it is answered
     as soon as a slot may have freed (a step ended, a group was filtered or requeued), or after this
-    long with Wait(admission, retry 0), so the actor asks again at once (learner/service.py).
+    long (at most 10 s) with Wait(admission, retry 0), so the actor asks again at once
+    (learner/service.py).
     Longer means fewer round trips from idle actors; shorter, an actor that looks at its stop flag
     sooner. A Wait(admission) that reaches an actor by other means (an in-process caller) carries
     this as its retry delay."""

@@ -50,6 +50,8 @@ from learner.scheduler import Accepted, Batch, Scheduler
 from learner.sources import RelayView, WeightSources
 
 log = get_logger()
+HOLD_MAX_S = 10.0  # a held lease request is answered within this whatever admission_retry_s (up to 60):
+                   # well inside an actor's request timeout (actors/actor.py REQUEST_TIMEOUT_S, 30 s)
 
 
 class Ledger:
@@ -191,7 +193,8 @@ class LearnerService:
         out = self._grant(peer.worker_id, msg)
         if reply_to is not None and self.server is not None and _turned_away(out):
             self._parked.pop(peer.worker_id, None)  # a re-ask replaces its old request (a reconnect's)
-            self._parked[peer.worker_id] = Parked(msg, reply_to, self.clock() + self.scheduler.admission_retry_s)
+            hold_s = min(self.scheduler.admission_retry_s, HOLD_MAX_S)
+            self._parked[peer.worker_id] = Parked(msg, reply_to, self.clock() + hold_s)
             return None
         return out
 

@@ -37,7 +37,10 @@ def finish(fleet, steps: int) -> None:
 
 
 def test_eta0_synchronous_then_live_set_to_3(tmp_path, tiny_model_dir):
-    steps = 14
+    # Long enough to be live through two `or1 status` calls and an `or1 set` (each a CLI start of
+    # ~1-2 s): with held lease requests a step at eta = 0 takes ~0.15 s here, and 14 steps once ended
+    # before the second status could connect.
+    steps = 60
     fleet = start_run(tmp_path, tiny_model_dir, steps=steps, eta=0)
     try:
         wait_step(fleet, 3, STARTUP_S)
