@@ -281,15 +281,11 @@ class Server:
 
     def send(self, worker_id: str, msg: Message) -> bool:
         """Push `msg` (rid 0) to a peer from any thread; False if no such peer now."""
-        with self._lock:
-            if worker_id not in self._by_worker:
-                return False
-        self._outbox.put([worker_id.encode(), *encode(msg)])
-        return True
+        return self.answer(ReplyTo(worker_id, 0), msg)
 
     def answer(self, to: ReplyTo, msg: Message) -> bool:
-        """Answer a deferred request from any thread; False if that peer is gone (a peer that
-        reconnected since finds no waiter for the rid and drops it)."""
+        """Answer a deferred request (or push, rid 0) from any thread; False if that peer is gone (a
+        peer that reconnected since finds no waiter for the rid and drops it)."""
         with self._lock:
             if to.worker_id not in self._by_worker:
                 return False

@@ -20,7 +20,7 @@ a step ended, a handler changed the scheduler (a group filtered or requeued, a l
 Wait(admission), or with Wait(admission, retry 0) once `learner.admission_retry_s` has passed (the
 actor asks again at once, and meanwhile looks at its stop flag). So an idle actor starts on the
 next batch the moment the step that frees it ends, instead of after its next poll
-(docs/staleness.md#admission).
+(docs/staleness.md#a-request-turned-away-is-held-a-long-poll).
 """
 
 from __future__ import annotations
