@@ -315,6 +315,9 @@ class StreamingEngine(FakeEngine):
     streams_loads = True
 
     def __init__(self):
+        import torch  # noqa: F401  the stream yields torch tensors: torch's first import (~2 s) would land
+        # in the first yield and make it late whenever no earlier test in this process imported torch
+
         super().__init__()
         self.early: list[bool] = []  # per streamed load: the first tensor came before the last chunk
         self.broken = 0
