@@ -28,7 +28,7 @@ HOSTS = [LEARNER_HOST, REWARD_HOST, *ACTOR_HOSTS]
 STARTUP_S = 240.0
 
 
-def run_toml(tmp: Path, model_dir: Path, *, steps: int, bus: str = "", learner: str = "") -> Path:
+def run_toml(tmp: Path, model_dir: Path, *, steps: int, bus: str = "", learner: str = "", lr: float = 1e-4) -> Path:
     """A small run of the tiny model (HF engine, B=4, n=8, 8 tokens, 0.5 s heartbeats) as a TOML
     file; `bus` and `learner` are more TOML lines for those sections."""
     path = tmp / "run.toml"
@@ -50,7 +50,7 @@ prompts_per_batch = 4
 group_size = 8
 
 [learner.optim]
-lr = 1e-4
+lr = {lr}
 weight_decay = 0.0
 
 [learner.trainer]
