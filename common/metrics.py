@@ -35,17 +35,23 @@ class JsonlSink:
 
 
 class TensorBoardSink:
-    """Scalars to TensorBoard event files (torch's SummaryWriter, imported lazily)."""
+    """Scalars to TensorBoard event files: one event per step holding all of its scalars, written
+    with torch's FileWriter (imported lazily) and flushed every write so TensorBoard sees a live
+    run. One `Summary` of ~90 values costs ~0.5 ms; `SummaryWriter.add_scalar` per value cost ~4.5
+    ms a step, on the learner's critical path between two steps (the embedded run steps every
+    ~0.1 s). TensorBoard reads each value of the event as that tag's point at this step."""
 
     def __init__(self, log_dir: str | Path):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.writer import FileWriter
 
-        self._w = SummaryWriter(log_dir=str(log_dir))
+        self._w = FileWriter(str(log_dir))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._w.add_scalar(key, value, step)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in metrics.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        self._w.add_summary(Summary(value=values), step)
         self._w.flush()
 
     def close(self) -> None:

@@ -40,7 +40,12 @@ def test_jsonl_and_tensorboard_sinks(tmp_path):
     sink.close()
     rows = read_jsonl(tmp_path / "m.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["staleness/hist"] == [3, 1]
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["reward/mean"]  # the histogram list is jsonl's alone
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [(1, 0.5), (2, 0.75)]
     with open(tmp_path / "m.jsonl", "a") as f:
         f.write('{"step": 3, "rew')  # a torn line of a live run
     assert len(read_jsonl(tmp_path / "m.jsonl")) == 2
