@@ -57,11 +57,15 @@ from actors.engine import (
 )
 from actors.weights_io import check_named, expected_shapes, folder_dtype
 from bus.messages import SamplingSpec
+from common.log import get_logger
 
 if TYPE_CHECKING:
     import torch
 
+    from actors.lean_decoder import LeanDecoder
     from common.config import ActorConfig
+
+log = get_logger()
 
 
 class HFEngine:
@@ -91,7 +95,17 @@ class HFEngine:
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._end_ids)
         self._aborted = threading.Event()
+        self.lean = self._lean_decoder(cfg.hf_decoder)
         self.startup_s = time.perf_counter() - t0
+
+    def _lean_decoder(self, choice: str) -> "LeanDecoder | None":
+        """The model's own decoding forward when `actor.hf_decoder` allows and the model is one it
+        runs (actors/lean_decoder.py); else None: transformers' forward. Says which in the log."""
+        from actors.lean_decoder import LeanDecoder, supports
+
+        why = "actor.hf_decoder = transformers" if choice == "transformers" else supports(self.model)
+        log.info("hf_engine.decoder", decoder="transformers" if why else "lean", why=why or None)
+        return None if why else LeanDecoder(self.model)
 
     def generate(self, prompts: list[np.ndarray], sampling: SamplingSpec) -> list[list[GenSample]]:
         ids = check_request(prompts, sampling, self.vocab_size, self.max_model_len)
@@ -117,7 +131,8 @@ class HFEngine:
         with torch.inference_mode():
             new, logprobs = decode(self.model, x.to(self.device), mask.to(self.device), budget=budget,
                                    temperature=s.temperature, top_p=s.top_p, end_ids=self._end_ids,
-                                   pad_id=self._pad_id, generator=gen, aborted=self._aborted, copies=s.n)
+                                   pad_id=self._pad_id, generator=gen, aborted=self._aborted, copies=s.n,
+                                   lean=self.lean)
         new, logprobs = new.cpu(), logprobs.cpu()
         cut = [self._cut(new[j].tolist(), logprobs[j].numpy()) for j in range(new.shape[0])]
         texts = decode_texts(self.tokenizer, [ids for ids, _ in cut])
@@ -151,45 +166,74 @@ class HFEngine:
 
 def decode(model: Any, ids: "torch.Tensor", mask: "torch.Tensor", *, budget: int, temperature: float,
            top_p: float, end_ids: Iterable[int], pad_id: int, generator: "torch.Generator",
-           aborted: threading.Event, copies: int = 1) -> tuple["torch.Tensor", "torch.Tensor"]:
+           aborted: threading.Event, copies: int = 1, lean: "LeanDecoder | None" = None,
+           ) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Up to `budget` new tokens for each left-padded row: (tokens, their log-probs), [rows, steps],
     a row's positions after its end token filled with `pad_id` and 0. Raises GenerationAborted when
     `aborted` is set before a forward. `copies` > 1: the rows are each prompt `copies` times in a
     row (`left_padded`), so the prompts are run once and their keys and values repeated for the
-    copies (each copy still draws its own tokens from the same first distribution)."""
+    copies (each copy still draws its own tokens from the same first distribution). With `lean`
+    (the model's `LeanDecoder`), the forwards are its own; the sampling is the same."""
     import torch
-    from transformers import DynamicCache
 
     rows = ids.shape[0]
     ends = torch.tensor(sorted(end_ids), device=ids.device)
     tokens = torch.full((rows, budget), pad_id, dtype=torch.long, device=ids.device)
     logprobs = torch.zeros((rows, budget), dtype=torch.float32, device=ids.device)
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
-    cache = DynamicCache()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    step_in, step_pos, steps = ids, positions, 0
+    forward = (_lean_forward(lean, ids, mask, copies, budget) if lean is not None
+               else _hf_forward(model, ids, mask, copies))
+    tok, steps = None, 0
     for t in range(budget):
         if aborted.is_set():
             raise GenerationAborted("the engine was aborted")
-        if t == 0 and copies > 1:  # the prompts once, then their cache and logits per copy
-            out = model(input_ids=ids[::copies], attention_mask=mask[::copies], position_ids=positions[::copies],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache.batch_repeat_interleave(copies)
-            logits = out.logits[:, -1].repeat_interleave(copies, dim=0)
-        else:
-            out = model(input_ids=step_in, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1]
-        tok, lp = pick(logits.float(), temperature, top_p, generator)
+        tok, lp = pick(forward(tok).float(), temperature, top_p, generator)
         tokens[:, t] = torch.where(done, pad_id, tok)
         logprobs[:, t] = torch.where(done, 0.0, lp)
         done |= torch.isin(tok, ends)
         steps = t + 1
         if bool(done.all()):
             break
-        step_in, step_pos = tok[:, None], step_pos[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
     return tokens[:, :steps], logprobs[:, :steps]
+
+
+def _hf_forward(model: Any, ids: "torch.Tensor", mask: "torch.Tensor", copies: int):
+    """`forward(None)`: the prompts' last logits per row; `forward(tok)`: the next position's,
+    through transformers' forward over a DynamicCache (positions from the mask, as generate())."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    state = {"mask": mask, "pos": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+    def forward(tok: "torch.Tensor | None") -> "torch.Tensor":
+        if tok is None and copies > 1:  # the prompts once, then their cache and logits per copy
+            pos = state["pos"]
+            out = model(input_ids=ids[::copies], attention_mask=mask[::copies], position_ids=pos[::copies],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(copies)
+            return out.logits[:, -1].repeat_interleave(copies, dim=0)
+        if tok is not None:
+            state["pos"] = state["pos"][:, -1:] + 1
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((ids.shape[0], 1))], dim=1)
+        out = model(input_ids=ids if tok is None else tok[:, None], attention_mask=state["mask"],
+                    position_ids=state["pos"], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    return forward
+
+
+def _lean_forward(lean: "LeanDecoder", ids: "torch.Tensor", mask: "torch.Tensor", copies: int, budget: int):
+    """`_hf_forward`'s contract on the LeanDecoder."""
+    state = {"pos": (mask.cumsum(-1) - 1).clamp(min=0)[:, -1]}
+
+    def forward(tok: "torch.Tensor | None") -> "torch.Tensor":
+        if tok is None:
+            return lean.start(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), copies, budget)
+        state["pos"] = state["pos"] + 1
+        return lean.step(tok, state["pos"])
+
+    return forward
 
 
 def pick(logits: "torch.Tensor", temperature: float, top_p: float,

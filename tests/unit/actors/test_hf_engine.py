@@ -98,20 +98,27 @@ def test_folder_generation_config_does_not_shape_sampling(tiny_model, actor_cfg,
         assert g[0].token_ids.tolist() == table.argmax(-1).tolist()
 
 
-def test_abort_ends_a_generation_at_the_next_token(eos_model, actor_cfg, prompts):
+@pytest.mark.parametrize("decoder", ["auto", "transformers"])
+def test_abort_ends_a_generation_at_the_next_token(eos_model, actor_cfg, prompts, monkeypatch, decoder):
     """abort() from inside the 3rd decoding step (as the actor calls it from another thread): that
-    generate stops after its 3rd token and raises, and the engine generates no more."""
+    generate stops after its 3rd token and raises, and the engine generates no more; with either
+    decoding forward (actor.hf_decoder)."""
+    import actors.hf_engine as hf
     from actors.engine import GenerationAborted
 
-    eng = HFEngine(str(eos_model), actor_cfg)  # its own: an aborted engine stays aborted
+    # its own: an aborted engine stays aborted
+    eng = HFEngine(str(eos_model), actor_cfg.model_copy(update={"hf_decoder": decoder}))
+    assert (eng.lean is None) == (decoder == "transformers")
     steps = []
+    pick = hf.pick
 
-    def on_forward(*_):
+    def counted_pick(*args):
         steps.append(1)
         if len(steps) == 3:
             eng.abort()
+        return pick(*args)
 
-    eng.model.register_forward_hook(on_forward)
+    monkeypatch.setattr(hf, "pick", counted_pick)
     spec = SamplingSpec(n=2, temperature=0.0, max_tokens=6)  # prompts[1] runs to the length limit here
     with pytest.raises(GenerationAborted):
         eng.generate(prompts[1:2], spec)
