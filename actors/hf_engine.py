@@ -20,7 +20,10 @@ per decoding step is mostly fixed, and a fifth of it was `torch.multinomial` (1.
 cumulative sum: 0.05 ms), exact for the same distribution. It also keeps only the sampled token's
 log-prob per step instead of every step's full scores. Measured on `toy:chain` (32 rows × 50 tokens):
 see docs/training.md#against-trl. Why one batch and not one call per prompt: 4 prompts × 8 samples
-take about half as long in one batch as in four separate calls.
+take about half as long in one batch as in four separate calls. The forwards themselves are the
+model's `LeanDecoder` (actors/lean_decoder.py) for a Qwen2- or Llama-style model unless
+`actor.hf_decoder = "transformers"`: the same arithmetic without transformers' fixed cost per
+call, which was most of a decoding step on the embedded model.
 Seeds: a `torch.Generator` on the engine's device seeded with the batch's first prompt's seed (a
 fresh random seed when None), so the global RNG is untouched; the batch's samples draw from that
 one stream (not vLLM's per-sample streams: the two engines are each reproducible, not identical to
