@@ -228,11 +228,12 @@ def _hf_forward(model: Any, ids: "torch.Tensor", mask: "torch.Tensor", copies: i
 
 def _lean_forward(lean: "LeanDecoder", ids: "torch.Tensor", mask: "torch.Tensor", copies: int, budget: int):
     """`_hf_forward`'s contract on the LeanDecoder."""
-    state = {"pos": (mask.cumsum(-1) - 1).clamp(min=0)[:, -1]}
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    state = {"pos": positions[:, -1]}
 
     def forward(tok: "torch.Tensor | None") -> "torch.Tensor":
         if tok is None:
-            return lean.start(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), copies, budget)
+            return lean.start(ids, mask, positions, copies, budget)
         state["pos"] = state["pos"] + 1
         return lean.step(tok, state["pos"])
 

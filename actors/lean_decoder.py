@@ -82,7 +82,7 @@ class LeanDecoder:
             raise ValueError(f"LeanDecoder cannot run this model: {why}")
         cfg = model.config
         base = model.base_model
-        self.base, self.embed, self.norm = base, base.embed_tokens.weight, base.norm
+        self.embed, self.norm = base.embed_tokens.weight, base.norm
         self.head = model.get_output_embeddings()
         self.rotary = base.rotary_emb
         self.eps = float(cfg.rms_norm_eps)
@@ -99,7 +99,7 @@ class LeanDecoder:
         import torch
 
         rows, p = ids.shape
-        self.rows, self.next_slot = rows, p
+        self.next_slot = p
         first = slice(None, None, copies)
         dev, dtype = ids.device, self.embed.dtype
         self._cos, self._sin = self.rotary(self.embed[:1], torch.arange(p + budget, device=dev)[None])
@@ -136,7 +136,7 @@ class LeanDecoder:
         cos, sin = self._cos[0][positions][:, None], self._sin[0][positions][:, None]  # [b, 1, s, hd]
         for layer, k_cache, v_cache in zip(self.layers, self._k, self._v):
             att, mlp = layer.self_attn, layer.mlp
-            a = self._rms(x, layer.input_layernorm.weight, layer.input_layernorm)
+            a = self._rms(x, layer.input_layernorm)
             q = linear(a, att.q_proj.weight, att.q_proj.bias).view(b, s, self.heads, self.head_dim).transpose(1, 2)
             k = linear(a, att.k_proj.weight, att.k_proj.bias).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
             v = linear(a, att.v_proj.weight, att.v_proj.bias).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -150,21 +150,21 @@ class LeanDecoder:
             o = scaled_dot_product_attention(q, keys, values, attn_mask=sees, scale=self.scale,
                                              enable_gqa=self.kv_heads != self.heads)
             x = x + linear(o.transpose(1, 2).reshape(b, s, -1), att.o_proj.weight, att.o_proj.bias)
-            m = self._rms(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm)
+            m = self._rms(x, layer.post_attention_layernorm)
             x = x + linear(silu(linear(m, mlp.gate_proj.weight)) * linear(m, mlp.up_proj.weight), mlp.down_proj.weight)
         return x
 
-    def _rms(self, x: "torch.Tensor", weight: "torch.Tensor", module: Any) -> "torch.Tensor":
+    def _rms(self, x: "torch.Tensor", norm: Any) -> "torch.Tensor":
         import torch
 
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + getattr(module, "variance_epsilon", self.eps))
-        return weight * h.to(x.dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + getattr(norm, "variance_epsilon", self.eps))
+        return norm.weight * h.to(x.dtype)
 
     def _logits(self, x: "torch.Tensor") -> "torch.Tensor":
         from torch.nn.functional import linear
 
-        last = self._rms(x[:, -1], self.norm.weight, self.norm)
+        last = self._rms(x[:, -1], self.norm)
         return linear(last, self.head.weight, getattr(self.head, "bias", None))
 
 
