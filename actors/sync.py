@@ -230,7 +230,7 @@ class WeightSync:
             try:
                 manifest = fetch_manifest(sources[0], version, timeout=self.bus.chunk_timeout_s, curve=self.curve)
             except (TimeoutError, RemoteError, LookupError, ValueError) as e:
-                log.info("weights.source_fallback", source=sources[0], error=str(e)[:120])
+                log.info("weights.source_fallback", version=version, source=sources[0], error=str(e)[:120])
                 sources = [self._learner_endpoint()]
                 manifest = fetch_manifest(sources[0], version, timeout=self.bus.chunk_timeout_s, curve=self.curve)
             partial = PartialStore(manifest, shared=shared)

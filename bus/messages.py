@@ -48,6 +48,7 @@ CHUNK_BYTES = 4 << 20  # weight chunk size
 PULL_WINDOW = 8  # outstanding GetChunk requests per puller (credit pipelining, zguide ch. 7)
 MAX_QUEUED_REPLIES = 64  # replies a weights port queues for one peer (its SNDHWM) and requests it parks; > any window
 CHUNK_TIMEOUT_S = 10.0  # a chunk not answered within this is re-requested from another source
+VERSION_WAIT_S = 2.0  # a source asked for a version newer than it holds waits this long for it (< CHUNK_TIMEOUT_S)
 RELAY_FANOUT = 2  # most children one weight source serves for one version
 
 # --- roles, reasons, error codes ------------------------------------------------------------

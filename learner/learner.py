@@ -204,7 +204,7 @@ class Learner:
                 self.evaluate()
             save_model_folder(self.ranks, self.model_path, self.run_dir / "model", self.cfg)
         self.service.finish()
-        self.service.wait_fleet_gone(self.stop, DONE_GRACE_S)
+        self.service.wait_fleet_gone(DONE_GRACE_S)
         self.service.close_run()
 
     def close(self) -> None:

@@ -395,14 +395,16 @@ class LearnerService:
         if n:
             log.info("ledger.closed", abandoned=n)
 
-    def wait_fleet_gone(self, stop: threading.Event, timeout: float) -> None:
+    def wait_fleet_gone(self, timeout: float) -> None:
         """Keep serving until every actor and reward worker has said Bye (an actor still generating
-        submits, is told Wait(done) and leaves), the peers are declared dead, or `timeout` s."""
+        submits, is told Wait(done) and leaves), the peers are declared dead, or `timeout` s. A run
+        stopped by SIGTERM waits too: the fleet must hear Wait(done), or it would keep calling a
+        learner that is gone (a second Ctrl-C cuts the wait: KeyboardInterrupt)."""
         deadline = time.monotonic() + timeout
-        while not stop.is_set() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             if not any(p.role in (ROLE_ACTOR, ROLE_REWARD) for p in (self.server.peers() if self.server else [])):
                 return
-            stop.wait(0.1)
+            time.sleep(0.1)
 
 
 def _turned_away(reply: Message) -> bool:

@@ -7,6 +7,13 @@ partial's listener wakes the server thread through its outbox), so a relay serve
 as it has it. Dropping a version answers the requests parked on it with Error(not_found). Chunks
 leave as zero-copy frames of the store buffer.
 
+A GetManifest or GetShared for a version newer than any held waits up to ``VERSION_WAIT_S`` for it:
+the learner sends a child to a relay the moment it has sent that relay to pull the same version,
+so the child's first request often lands before the relay has published it (its own manifest is
+one round trip away). Answering not_found there would send the child back to the learner, and
+undo the fan-out the relay exists for. The wait ends with the version's publication, a newer one's
+(the awaited one will not come), or not_found at the deadline.
+
 GetShared (``bus.weights.shm``): a store whose buffer lives in ``/dev/shm`` is offered to pullers of the
 same host as its file (Shared), so they map it instead of pulling it; a partial answers once it is
 complete. Anyone else — another host, a private buffer — gets Error(not_found) at once and pulls
@@ -18,6 +25,7 @@ made before stay valid), and publishing one makes the buffer for the next versio
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +38,7 @@ from bus.messages import (
     ERR_NOT_FOUND,
     MAX_MESSAGE_BYTES,
     MAX_QUEUED_REPLIES,
+    VERSION_WAIT_S,
     Chunk,
     Error,
     GetChunk,
@@ -54,8 +63,10 @@ class WeightServer:
     """ROUTER answering GetManifest / GetChunk from the newest `keep_versions` stores (own thread)."""
 
     def __init__(self, endpoint: str, *, curve: "CurveConfig | None" = None, keep_versions: int = 2,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, name: str = "weights"):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, name: str = "weights",
+                 version_wait_s: float = VERSION_WAIT_S):
         self.keep_versions = keep_versions
+        self.version_wait_s = version_wait_s
         self.max_message_bytes = max_message_bytes
         self.metrics: dict[str, float] = dict.fromkeys(
             ("weights/chunks_served", "weights/bytes_served", "weights/manifests_served", "weights/shared_served",
@@ -78,6 +89,8 @@ class WeightServer:
         self._stores: dict[int, WeightStore | PartialStore] = {}
         self._parked: dict[tuple[int, int], list[tuple[bytes, int]]] = {}
         self._parked_by: dict[bytes, int] = {}  # identity -> requests it has parked
+        # version -> (identity, request, rid, deadline): asked for a version before it was published
+        self._awaiting: dict[int, list[tuple[bytes, Message, int, float]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bus-{name}", daemon=True)
         self._thread.start()
@@ -133,11 +146,12 @@ class WeightServer:
                     self._on_request(frames)
                 if self._outbox.pull in events and (frames := recv_ready(self._outbox.pull)):
                     self._on_notice(frames)
+                if self._awaiting:
+                    self._expire_awaiting(time.monotonic())
         except Exception:  # noqa: BLE001
             log.exception("weight server loop failed")
         finally:
             self._sock.close(0)
-
 
     def _send(self, identity: bytes, msg: Message, rid: int) -> None:
         try:
@@ -153,16 +167,21 @@ class WeightServer:
             self.metrics["weights/bad_messages"] += 1
             self._send(identity, Error(ERR_BAD_MESSAGE, str(e)[:200]), 0)
             return
-        with self._lock:
-            latest = max(self._stores) if self._stores else None
-            version = getattr(msg, "version", None)
-            if isinstance(msg, (GetManifest, GetShared)) and version == -1:
-                version = latest
-            store = self._stores.get(version) if isinstance(version, int) else None
         if not isinstance(msg, (GetManifest, GetChunk, GetShared)):
             self._send(identity, Error(ERR_BAD_MESSAGE, f"unexpected {msg.TYPE} on the weights port"), rid)
-        elif store is None:
-            self._send(identity, Error(ERR_NOT_FOUND, f"version {version} not held"), rid)
+        else:
+            self._answer(identity, msg, rid, may_wait=True)
+
+    def _answer(self, identity: bytes, msg: "GetManifest | GetChunk | GetShared", rid: int, may_wait: bool) -> None:
+        with self._lock:
+            latest = max(self._stores) if self._stores else None
+            version = latest if isinstance(msg, (GetManifest, GetShared)) and msg.version == -1 else msg.version
+            store = self._stores.get(version) if isinstance(version, int) else None
+        if store is None:
+            if may_wait and isinstance(msg, (GetManifest, GetShared)) and _ahead(version, latest):
+                self._await(version, identity, msg, rid)
+            else:
+                self._send(identity, Error(ERR_NOT_FOUND, f"version {version} not held"), rid)
         elif isinstance(msg, GetManifest):
             self.metrics["weights/manifests_served"] += 1
             self._send(identity, store.manifest, rid)
@@ -180,16 +199,51 @@ class WeightServer:
         else:
             self._serve(identity, store, msg.index, rid)
 
+    def _await(self, version: int, identity: bytes, msg: Message, rid: int) -> None:
+        """Hold a request for a version not published yet (module docstring), within the peer's
+        MAX_QUEUED_REPLIES like any parked request."""
+        if not self._count_parked(identity, rid):
+            return
+        self._awaiting.setdefault(version, []).append((identity, msg, rid, time.monotonic() + self.version_wait_s))
+
+    def _release_awaiting(self) -> None:
+        """Answer the requests held for versions now published, or passed by a newer one."""
+        with self._lock:
+            held = set(self._stores)
+        latest = max(held) if held else None
+        for version in [v for v in self._awaiting if v in held or not _ahead(v, latest)]:
+            for identity, msg, rid, _ in self._awaiting.pop(version):
+                self._unpark([(identity, rid)])
+                self._answer(identity, msg, rid, may_wait=False)
+
+    def _expire_awaiting(self, now: float) -> None:
+        for version in list(self._awaiting):
+            due = [w for w in self._awaiting[version] if w[3] <= now]
+            if not due:
+                continue
+            self._awaiting[version] = [w for w in self._awaiting[version] if w[3] > now]
+            if not self._awaiting[version]:
+                del self._awaiting[version]
+            for identity, _, rid, _ in due:
+                self._unpark([(identity, rid)])
+                self._send(identity, Error(ERR_NOT_FOUND, f"version {version} not held (waited "
+                                           f"{self.version_wait_s:g} s for it)"), rid)
+
     def _park(self, key: tuple[int, int], identity: bytes, rid: int) -> None:
-        """Answer later, when a partial version has the chunk; a peer may have at most
-        MAX_QUEUED_REPLIES parked (more is refused: an honest puller keeps its window)."""
+        """Answer later, when a partial version has the chunk."""
+        if self._count_parked(identity, rid):
+            self._parked.setdefault(key, []).append((identity, rid))
+
+    def _count_parked(self, identity: bytes, rid: int) -> bool:
+        """A peer may have at most MAX_QUEUED_REPLIES requests parked or awaiting (more is refused:
+        an honest puller keeps its window)."""
         self._parked_by[identity] = self._parked_by.get(identity, 0) + 1
         if self._parked_by[identity] > MAX_QUEUED_REPLIES:
             self._parked_by[identity] -= 1
             self.metrics["weights/refused_requests"] += 1
             self._send(identity, Error(ERR_BAD_MESSAGE, f"more than {MAX_QUEUED_REPLIES} requests waiting"), rid)
-            return
-        self._parked.setdefault(key, []).append((identity, rid))
+            return False
+        return True
 
     def _unpark(self, waiting: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
         for identity, _ in waiting:
@@ -231,6 +285,13 @@ class WeightServer:
         for key in [k for k in self._parked if k[0] not in held]:
             for identity, rid in self._unpark(self._parked.pop(key)):
                 self._send(identity, Error(ERR_NOT_FOUND, f"version {key[0]} dropped"), rid)
+        if self._awaiting:
+            self._release_awaiting()
+
+
+def _ahead(version: int | None, latest: int | None) -> bool:
+    """`version` is one this server may still be given: newer than all it holds."""
+    return isinstance(version, int) and version >= 0 and (latest is None or version > latest)
 
 
 def _unlink(store: "WeightStore | PartialStore", now: bool = False) -> None:

@@ -82,8 +82,6 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}/net{net}/shm{dev}"
 
 
-
-
 def available(shm_dir: Path = SHM_DIR) -> bool:
     return shm_dir.is_dir() and os.access(shm_dir, os.W_OK)
 

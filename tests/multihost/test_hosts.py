@@ -16,6 +16,7 @@ times) are the ones the closing notes quote.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -76,6 +77,7 @@ def test_a_b_learns_across_hosts_with_relays(network, tmp_path, tiny_model_dir):
     sources = log_events(run.log("learner"), "weights.source")
     via_relay = [e for e in sources if e["source"] in ids.values()]
     assert via_relay, f"no version went through a relay: {sources[:6]}"
+    assert _relayed_pulls(run), f"every child sent to a relay fell back to the learner: {via_relay[:6]}"
     addresses = {ids[h]: run.net[h].address for h in ACTOR_HOSTS}
     for e in via_relay:
         assert e["endpoint"] == f"tcp://{addresses[e['source']]}:5557", e
@@ -170,22 +172,50 @@ def test_e_learner_sigkill_and_resume_across_hosts(network, tmp_path, tiny_model
 
 
 def test_f_curve_across_hosts(network, tmp_path, tiny_model_dir):
-    """(f): (a)'s commands with CurveZMQ on every role; actors relay with the server key."""
+    """(f): (a)'s commands with CurveZMQ on every role; actors relay with the server key. The run
+    goes until a version has come through a relay, then the learner is told to stop (SIGTERM):
+    fifteen steps were over before the slower actor had built its engine once (the faster one,
+    alone, pulls every version from the learner)."""
     keys = tmp_path / "keys"
     res = network[LEARNER_HOST].run([OR1, "keys", str(keys)])
     assert res.returncode == 0, res.stdout + res.stderr
-    steps = 15
-    cfg = run_toml(tmp_path, tiny_model_dir, steps=steps, bus=f'curve_dir = "{keys}"\nrelay_fanout = 1')
+    cfg = run_toml(tmp_path, tiny_model_dir, steps=1000, bus=f'curve_dir = "{keys}"\nrelay_fanout = 1')
     run = Run(network, tmp_path, cfg)
     try:
         run.start_all()
-        _finish(run, steps)
+        wait_for(lambda: _relayed_pulls(run) or run.procs["learner"].poll() is not None, STARTUP_S + 120,
+                 interval=0.2, what="a version pulled through a (Curve) relay")
+        assert _relayed_pulls(run), f"no pull through a (Curve) relay\n{run.tails()}"
+        os.kill(run.procs["learner"].pid, signal.SIGTERM)  # ends at the next step boundary
+        steps = _finish_early(run)
     finally:
         run.close()
     check_ledger(run.ledger(), B, steps, eta_max=ETA)
-    sources = log_events(run.log("learner"), "weights.source")
-    assert any(e["source"] != "learner" for e in sources), "no pull through a (Curve) relay"
-    print(f"\n(f) Curve on: {steps} steps across 4 hosts, {sum(e['source'] != 'learner' for e in sources)} relayed pulls")
+    relayed = _relayed_pulls(run)
+    print(f"\n(f) Curve on: {steps} steps across 4 hosts, {len(relayed)} pulls through a relay")
+
+
+def _relayed_pulls(run: Run) -> list[dict]:
+    """The learner's `weights.source` assignments to a relay that the child pulled from: it loaded
+    that version and did not fall back to the learner for it."""
+    out = []
+    for e in log_events(run.log("learner"), "weights.source"):
+        if e["source"] == "learner":
+            continue
+        log = run.log(next(f"actor-{h}" for h in ACTOR_HOSTS if f"-{h}-" in e["peer"]))
+        fell_back = {f.get("version") for f in log_events(log, "weights.source_fallback")}
+        pulled = {p["version"] for p in log_events(log, "weights.pulled")}
+        if e["version"] in pulled and e["version"] not in fell_back:
+            out.append(e)
+    return out
+
+
+def _finish_early(run: Run) -> int:
+    """The learner stopped by SIGTERM: it and the actors it told Wait(done) exit 0; the step it ended at."""
+    assert run.wait_exit("learner", 120) == 0, run.tail("learner")
+    for name in [f"actor-{h}" for h in ACTOR_HOSTS] + ["reward"]:
+        assert run.wait_exit(name, 60) == 0, run.tail(name)
+    return run.step()
 
 
 def test_g_two_rank_learner_over_two_hosts(network, tmp_path, tiny_model_dir):

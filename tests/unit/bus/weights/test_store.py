@@ -244,6 +244,67 @@ def test_dropping_a_partial_answers_parked_requests_not_found(wserver: WeightSer
         ctx.destroy(linger=0)
 
 
+def test_a_request_for_a_version_about_to_arrive_waits_for_it(wserver: WeightServer) -> None:
+    """A child sent to a relay asks before the relay has published the version (it is one round
+    trip from its own manifest): the request waits for the publication, not not_found (which
+    sent every such child back to the learner)."""
+    wserver.publish(make_store(version=1, mb=0.1))
+    s = make_store(version=2, mb=0.5, chunk_bytes=64 << 10, seed=2)
+    result: dict[str, object] = {}
+
+    def child() -> None:
+        t0 = time.perf_counter()
+        result["store"], _ = pull(wserver.endpoint, 2, chunk_timeout_s=10)
+        result["s"] = time.perf_counter() - t0
+
+    t = threading.Thread(target=child)
+    t.start()
+    time.sleep(0.3)  # the child's GetManifest is in, the relay's own pull has not begun
+    p = PartialStore(s.manifest)
+    wserver.publish_partial(p)
+    for i in range(s.n_chunks):
+        p.put(i, s.chunk(i))
+    t.join(timeout=10)
+    assert np.array_equal(result["store"].buffer, s.buffer)  # type: ignore[union-attr]
+    assert 0.3 <= result["s"] < M.VERSION_WAIT_S  # type: ignore[operator]
+
+
+def test_a_wait_for_a_version_ends_at_its_deadline_or_when_passed() -> None:
+    srv = WeightServer("tcp://127.0.0.1:0", version_wait_s=0.5)
+    ctx = zmq.Context()
+    try:
+        srv.publish(make_store(version=1, mb=0.1))
+        d = ctx.socket(zmq.DEALER)
+        d.connect(srv.endpoint)
+
+        def answer(timeout_ms: int) -> tuple[M.Message, int, float]:
+            t0 = time.perf_counter()
+            assert d.poll(timeout_ms), "no answer"
+            msg, rid = decode(d.recv_multipart(), max_bytes=1 << 20)
+            return msg, rid, time.perf_counter() - t0
+
+        d.send_multipart(encode(M.GetManifest(version=0), 1))  # older than held: at once
+        err, rid, waited = answer(3000)
+        assert rid == 1 and err.code == M.ERR_NOT_FOUND and waited < 0.3  # type: ignore[attr-defined]
+        d.send_multipart(encode(M.GetManifest(version=2), 2))  # never comes: not_found at the deadline
+        err, rid, waited = answer(3000)
+        assert rid == 2 and err.code == M.ERR_NOT_FOUND and "waited" in err.message  # type: ignore[attr-defined]
+        assert 0.4 <= waited < 2.0
+        d.send_multipart(encode(M.GetManifest(version=2), 3))  # passed by version 3: version 2 will not come
+        time.sleep(0.1)
+        srv.publish(make_store(version=3, mb=0.1))
+        err, rid, waited = answer(3000)
+        assert rid == 3 and err.code == M.ERR_NOT_FOUND and waited < 0.3  # type: ignore[attr-defined]
+        extra = 5  # waiting requests count against the peer's MAX_QUEUED_REPLIES like parked ones
+        for i in range(M.MAX_QUEUED_REPLIES + extra):
+            d.send_multipart(encode(M.GetManifest(version=9), 100 + i))
+        codes = [answer(3000)[0].code for _ in range(M.MAX_QUEUED_REPLIES + extra)]  # type: ignore[attr-defined]
+        assert codes[:extra] == [M.ERR_BAD_MESSAGE] * extra and set(codes[extra:]) == {M.ERR_NOT_FOUND}
+    finally:
+        ctx.destroy(linger=0)
+        srv.stop()
+
+
 def test_weights_port_answers_bad_and_unexpected_messages(wserver: WeightServer) -> None:
     wserver.publish(make_store(mb=0.1))
     ctx = zmq.Context()
