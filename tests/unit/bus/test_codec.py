@@ -128,6 +128,26 @@ def test_large_arrays_become_frames_small_ones_inline() -> None:
     assert header["prompts"][1]["token_ids"] == {"__nd__": 1, "dtype": "int32", "shape": [1000]}
 
 
+def test_strided_and_nd_arrays_travel_as_contiguous_frames() -> None:
+    """A strided view is copied once into a contiguous frame (zmq refuses a strided buffer:
+    `arr.reshape(-1)` of a 1-D strided view is still strided), an N-D array goes flat."""
+    strided = np.arange(2000, dtype=np.int32)[::2]
+    grid = np.arange(600, dtype=np.float32).reshape(20, 30)
+    msg = M.Set(key="k", value=[strided, grid])
+    frames = encode(msg)
+    assert all(f.flags.c_contiguous and f.ndim == 1 for f in frames[1:])
+    ctx = zmq.Context()
+    try:
+        push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        push.send_multipart(frames, copy=False)
+        out, _ = decode(pull.recv_multipart(copy=False), max_bytes=BIG)
+    finally:
+        ctx.destroy(linger=0)
+    assert np.array_equal(out.value[0], strided) and np.array_equal(out.value[1], grid)
+
+
 def test_zero_copy_64mb_frame_arrives_bit_identical() -> None:
     data = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8)
     ctx = zmq.Context()
