@@ -477,34 +477,43 @@ def _check_array(v: Any, ctx: _Ctx) -> np.ndarray:
         name, shape, ref = v["dtype"], v["shape"], v["__nd__"]
     except KeyError:
         raise ProtocolError("expected an array reference {__nd__, dtype, shape}") from None
-    itemsize = _ITEMSIZE.get(name) if type(name) is str else None
-    if itemsize is None:
+    dtype = _DTYPES.get(name) if type(name) is str else None
+    if dtype is None:
         raise ProtocolError(f"dtype {str(name)[:40]!r} not allowed")
-    if type(shape) is not list or len(shape) > _MAX_NDIM:
+    if type(shape) is not list:
         raise ProtocolError("bad array shape")
-    count = 1
-    for d in shape:
-        if type(d) is not int or d < 0:
+    ndim = len(shape)
+    if ndim == 1:  # the usual case, without the loop
+        count = shape[0]
+        if type(count) is not int or count < 0:
             raise ProtocolError("bad array shape")
-        count *= d
+    else:
+        if ndim > _MAX_NDIM:
+            raise ProtocolError("bad array shape")
+        count = 1
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise ProtocolError("bad array shape")
+            count *= d
     if count > MAX_ARRAY_ELEMENTS:
         raise ProtocolError(f"array of {count} elements > {MAX_ARRAY_ELEMENTS}")
     if type(ref) is int:
-        if not 1 <= ref <= len(ctx.buffers):
+        if not 0 < ref <= len(ctx.buffers):
             raise ProtocolError(f"array frame {ref} does not exist")
-        if ctx.used[ref - 1]:
+        used = ctx.used
+        if used[ref - 1]:
             raise ProtocolError(f"array frame {ref} referenced twice")
-        ctx.used[ref - 1] = True
+        used[ref - 1] = True
         buf: Any = ctx.buffers[ref - 1]
         size = buf.nbytes
     elif type(ref) is bytes:
         buf, size = ref, len(ref)
     else:
         raise ProtocolError("array __nd__ must be a frame index or bytes")
-    if count * itemsize != size:
-        raise ProtocolError(f"array {shape} {name} needs {count * itemsize} bytes, frame has {size}")
-    arr = np.frombuffer(buf, _DTYPES[name])  # read-only: the buffers are read-only views (dtype positional: 2x faster)
-    if len(shape) != 1:
+    if count * dtype.itemsize != size:
+        raise ProtocolError(f"array {shape} {name} needs {count * dtype.itemsize} bytes, frame has {size}")
+    arr = np.frombuffer(buf, dtype)  # read-only: the buffers are read-only views (positional dtype: 2x faster)
+    if ndim != 1:
         arr = arr.reshape(shape)
     return arr.view(BFloat16Array) if name == "bfloat16" else arr
 
