@@ -133,3 +133,42 @@ def test_resumed_run_to_the_end_of_the_schedule(tmp_path, tiny_model_dir):
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps == [1, 2, 3]
     assert {r["reward/mean"] for r in read_jsonl(run_dir / "metrics.jsonl")[1:]} == {0.75}
+
+
+def test_a_run_stopped_by_sigterm_waits_for_its_fleet_to_hear_done(tmp_path, tiny_model_dir):
+    """SIGTERM's stop flag ends the loop, but the wrap-up still waits (within DONE_GRACE_S) until the
+    fleet has heard Wait(done) and left. It used to return at once, since the flag it was handed was
+    set: the actors kept calling a learner that had exited."""
+    import time
+
+    from bus.client import Client
+    from bus.messages import ROLE_ACTOR, WAIT_DONE, Hello, LeaseRequest, Wait
+
+    learner = build(make_config(tmp_path / "run", tiny_model_dir, steps=3))
+    port = learner.server.endpoint.rsplit(":", 1)[1]
+    actor = Client(f"tcp://127.0.0.1:{port}", lambda: Hello(role=ROLE_ACTOR, worker_id="a1"), heartbeat_s=0.5)
+    left: dict[str, float] = {}
+
+    def fleet() -> None:  # an actor that leaves 0.5 s after it is told the run is done
+        actor.connect(timeout=30)
+        while True:
+            reply = actor.request(LeaseRequest(max_groups=B, weight_version=0), timeout=30)
+            if isinstance(reply, Wait) and reply.reason == WAIT_DONE:
+                time.sleep(0.5)
+                left["at"] = time.monotonic()
+                actor.close()
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=fleet, daemon=True)
+    try:
+        t.start()
+        time.sleep(1.0)  # connected, asking
+        learner.stop.set()  # what SIGTERM does
+        assert learner.run() == 0
+        ended = time.monotonic()
+    finally:
+        learner.close()
+        actor.close()
+    t.join(timeout=10)
+    assert "at" in left and left["at"] <= ended, "the learner returned before its actor had left"
