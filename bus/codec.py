@@ -115,8 +115,8 @@ Encoder = Callable[[Any, list[Any]], Any]
 
 def _walk(value: Any, frames: list[Any]) -> Any:
     """`value` as msgpack data (arrays appended to `frames`): one dict lookup on its exact type for
-    the usual cases (a Submit of 16 arrays: 39 → 20 µs against isinstance chains), the general
-    rules for the rest."""
+    the usual cases (scalars, lists, dicts, arrays, dataclasses already seen), the general rules for
+    the rest."""
     enc = _ENCODERS.get(type(value))
     if enc is not None:
         return enc(value, frames)
@@ -404,9 +404,10 @@ def _build_union(arms: list[Checker], nullable: bool) -> Checker:
 
 
 def _build_dataclass(cls: type) -> Checker:
-    """The checker of dataclass `cls`, compiled once (``_compile``): a message of 16 arrays decodes
-    in ~half the time a loop over field specs took. In order: a map, no unknown key, every required
-    key; then each field's checker, an error naming ``Class.field``; then ``cls(**fields)``."""
+    """The checker of dataclass `cls`, compiled once (``_compile``; with the scalar checks inline, a
+    1 MB Submit of 16 arrays decodes in ~3/4 of the time a loop over field specs took). In order: a
+    map, no unknown key, every required key; then each field's checker, an error naming
+    ``Class.field``; then ``cls(**fields)``."""
     hints = typing.get_type_hints(cls, include_extras=True)
     env: dict[str, Any] = {"ProtocolError": ProtocolError, "cls": cls, "names": None, "_unknown": None,
                            "_missing": None, "required": None}
