@@ -32,8 +32,13 @@ PARTITION_S = 20.0
 
 def _finish(run: Run, steps: int, learner: str = "learner") -> None:
     run.wait_step(steps, 600, learner)
+    _all_exit(run, learner)
+
+
+def _all_exit(run: Run, learner: str = "learner") -> None:
+    """The learner exits 0, and so do the actors and the reward worker it told Wait(done)."""
     assert run.wait_exit(learner, 120) == 0, run.tail(learner)
-    for name in [f"actor-{h}" for h in ACTOR_HOSTS] + ["reward"]:  # told Wait(done): they leave by themselves
+    for name in [f"actor-{h}" for h in ACTOR_HOSTS] + ["reward"]:  # they leave by themselves
         assert run.wait_exit(name, 60) == 0, run.tail(name)
 
 
@@ -173,7 +178,7 @@ def test_e_learner_sigkill_and_resume_across_hosts(network, tmp_path, tiny_model
 
 def test_f_curve_across_hosts(network, tmp_path, tiny_model_dir):
     """(f): (a)'s commands with CurveZMQ on every role; actors relay with the server key. The run
-    goes until a version has come through a relay, then the learner is told to stop (SIGTERM):
+    goes until a version has come through a relay and 5 steps are trained, then the learner is told to stop (SIGTERM):
     fifteen steps were over before the slower actor had built its engine once (the faster one,
     alone, pulls every version from the learner)."""
     keys = tmp_path / "keys"
@@ -183,11 +188,12 @@ def test_f_curve_across_hosts(network, tmp_path, tiny_model_dir):
     run = Run(network, tmp_path, cfg)
     try:
         run.start_all()
-        wait_for(lambda: _relayed_pulls(run) or run.procs["learner"].poll() is not None, STARTUP_S + 120,
-                 interval=0.2, what="a version pulled through a (Curve) relay")
-        assert _relayed_pulls(run), f"no pull through a (Curve) relay\n{run.tails()}"
+        wait_for(lambda: (_relayed_pulls(run) and run.step() >= 5) or run.procs["learner"].poll() is not None,
+                 STARTUP_S + 120, interval=0.2, what="5 steps and a version pulled through a (Curve) relay")
+        assert _relayed_pulls(run) and run.step() >= 5, f"no pull through a (Curve) relay\n{run.tails()}"
         os.kill(run.procs["learner"].pid, signal.SIGTERM)  # ends at the next step boundary
-        steps = _finish_early(run)
+        _all_exit(run)
+        steps = run.step()
     finally:
         run.close()
     check_ledger(run.ledger(), B, steps, eta_max=ETA)
@@ -198,24 +204,13 @@ def test_f_curve_across_hosts(network, tmp_path, tiny_model_dir):
 def _relayed_pulls(run: Run) -> list[dict]:
     """The learner's `weights.source` assignments to a relay that the child pulled from: it loaded
     that version and did not fall back to the learner for it."""
-    out = []
-    for e in log_events(run.log("learner"), "weights.source"):
-        if e["source"] == "learner":
-            continue
-        log = run.log(next(f"actor-{h}" for h in ACTOR_HOSTS if f"-{h}-" in e["peer"]))
+    served: dict[str, set] = {}  # actor log -> versions it pulled without falling back
+    for h in ACTOR_HOSTS:
+        log = run.log(f"actor-{h}")
         fell_back = {f.get("version") for f in log_events(log, "weights.source_fallback")}
-        pulled = {p["version"] for p in log_events(log, "weights.pulled")}
-        if e["version"] in pulled and e["version"] not in fell_back:
-            out.append(e)
-    return out
-
-
-def _finish_early(run: Run) -> int:
-    """The learner stopped by SIGTERM: it and the actors it told Wait(done) exit 0; the step it ended at."""
-    assert run.wait_exit("learner", 120) == 0, run.tail("learner")
-    for name in [f"actor-{h}" for h in ACTOR_HOSTS] + ["reward"]:
-        assert run.wait_exit(name, 60) == 0, run.tail(name)
-    return run.step()
+        served[h] = {p["version"] for p in log_events(log, "weights.pulled")} - fell_back
+    return [e for e in log_events(run.log("learner"), "weights.source") if e["source"] != "learner"
+            and any(f"-{h}-" in e["peer"] and e["version"] in served[h] for h in ACTOR_HOSTS)]
 
 
 def test_g_two_rank_learner_over_two_hosts(network, tmp_path, tiny_model_dir):
